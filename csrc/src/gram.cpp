@@ -1,0 +1,134 @@
+#include "rom_fast/gram.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "blas_lapack.hpp"
+#include "parallel.hpp"
+
+namespace rom_fast {
+
+using detail::blas_int;
+using detail::require;
+using detail::to_blas;
+
+namespace {
+
+// Rows widened per dsyrk call for float32 input: large enough for dsyrk to run at its
+// GEMM-like rate, small enough that the float64 copy stays in a few MB of cache-friendly
+// memory. The token split does not change the result beyond float64 rounding.
+index_t staging_rows(index_t dim) { return std::max<index_t>(256, (index_t{1} << 21) / dim); }
+
+}  // namespace
+
+GramAccumulator::GramAccumulator(index_t dim) : dim_(dim) {
+  require(dim >= 1, "GramAccumulator: dim must be >= 1, got " + std::to_string(dim));
+  upper_.assign(static_cast<std::size_t>(dim * dim), 0.0);
+  colsum_.assign(static_cast<std::size_t>(dim), 0.0);
+}
+
+void GramAccumulator::accumulate_f64(const double* x, index_t n, index_t ld) {
+  // Row-major X (n x d) is column-major X^T (d x n): X^T X = (X^T)(X^T)^T = syrk('N').
+  const blas_int bn = to_blas(dim_, "dim"), bk = to_blas(n, "rows"), blda = to_blas(ld, "ld");
+  const double one = 1.0;
+  dsyrk_f("U", "N", &bn, &bk, &one, x, &blda, &one, upper_.data(), &bn, 1, 1);
+  // Column sums: each thread owns a contiguous range of columns and walks the rows in order,
+  // so every column is summed in token order whatever the thread count or chunking.
+  const index_t d = dim_;
+  double* sums = colsum_.data();
+#pragma omp parallel
+  {
+    index_t lo = 0, hi = d;
+#ifdef _OPENMP
+    const index_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+    lo = d * t / nt;
+    hi = d * (t + 1) / nt;
+#endif
+    for (index_t i = 0; i < n; ++i) {
+      const double* row = x + i * ld;
+      for (index_t j = lo; j < hi; ++j) sums[j] += row[j];
+    }
+  }
+  count_ += n;
+}
+
+void GramAccumulator::update(const double* x, index_t n) {
+  require(n >= 0, "GramAccumulator.update: negative row count");
+  if (n == 0) return;
+  // Validate everything first so a rejected chunk leaves the statistics untouched.
+  detail::require_finite(x, n, dim_, dim_, "x");
+  accumulate_f64(x, n, dim_);
+}
+
+void GramAccumulator::update(const float* x, index_t n) {
+  require(n >= 0, "GramAccumulator.update: negative row count");
+  if (n == 0) return;
+  detail::require_finite(x, n, dim_, dim_, "x");
+  const index_t block = std::min(n, staging_rows(dim_));
+  staging_.resize(static_cast<std::size_t>(block * dim_));
+  for (index_t start = 0; start < n; start += block) {
+    const index_t rows = std::min(block, n - start);
+    const float* src = x + start * dim_;
+    double* dst = staging_.data();
+    const index_t total = rows * dim_;
+#pragma omp parallel for schedule(static)
+    for (index_t i = 0; i < total; ++i) dst[i] = static_cast<double>(src[i]);
+    accumulate_f64(dst, rows, dim_);
+  }
+}
+
+void GramAccumulator::merge(const GramAccumulator& other) {
+  require(other.dim_ == dim_, "GramAccumulator.merge: dim mismatch (" + std::to_string(dim_) +
+                                  " vs " + std::to_string(other.dim_) + ")");
+  const index_t total = dim_ * dim_;
+  const double* src = other.upper_.data();
+  double* dst = upper_.data();
+#pragma omp parallel for schedule(static)
+  for (index_t i = 0; i < total; ++i) dst[i] += src[i];
+  for (index_t j = 0; j < dim_; ++j) colsum_[j] += other.colsum_[j];
+  count_ += other.count_;
+}
+
+void GramAccumulator::reset() {
+  std::fill(upper_.begin(), upper_.end(), 0.0);
+  std::fill(colsum_.begin(), colsum_.end(), 0.0);
+  count_ = 0;
+}
+
+void GramAccumulator::gram(double* out) const {
+  const index_t d = dim_;
+  const double* up = upper_.data();
+  // upper_ is column-major with (i <= j) valid at up[j * d + i]; mirror into a full matrix.
+#pragma omp parallel for schedule(static)
+  for (index_t j = 0; j < d; ++j) {
+    for (index_t i = 0; i <= j; ++i) {
+      const double v = up[j * d + i];
+      out[j * d + i] = v;
+      out[i * d + j] = v;
+    }
+  }
+}
+
+std::vector<double> GramAccumulator::gram() const {
+  std::vector<double> out(static_cast<std::size_t>(dim_ * dim_));
+  gram(out.data());
+  return out;
+}
+
+void GramAccumulator::centered_gram(double* out) const {
+  require(count_ >= 1, "centered_gram: no tokens accumulated");
+  gram(out);
+  const index_t d = dim_;
+  const double inv_n = 1.0 / static_cast<double>(count_);
+  const double* s = colsum_.data();
+#pragma omp parallel for schedule(static)
+  for (index_t i = 0; i < d; ++i) {
+    for (index_t j = 0; j < d; ++j) out[i * d + j] -= s[i] * s[j] * inv_n;
+  }
+}
+
+}  // namespace rom_fast

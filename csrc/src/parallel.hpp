@@ -1,0 +1,59 @@
+// OpenMP helpers: exception capture across a parallel region, and input validation loops.
+#pragma once
+
+#include <cmath>
+#include <exception>
+#include <mutex>
+#include <string>
+
+#include "rom_fast/common.hpp"
+
+namespace rom_fast::detail {
+
+/// Captures the first exception thrown inside an OpenMP region so it can be rethrown on the
+/// calling thread: an exception escaping a parallel region terminates the process.
+class ParallelErrors {
+ public:
+  template <class F>
+  void run(F&& body) noexcept {
+    try {
+      body();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!first_) first_ = std::current_exception();
+    }
+  }
+  void rethrow() const {
+    if (first_) std::rethrow_exception(first_);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::exception_ptr first_;
+};
+
+/// Throws std::invalid_argument naming `what` if any of the n x d row-major values
+/// (leading dimension ld) is NaN or infinite. Checked in parallel over rows.
+template <class T>
+void require_finite(const T* x, index_t n, index_t d, index_t ld, const char* what) {
+  ParallelErrors errors;
+#pragma omp parallel for schedule(static)
+  for (index_t i = 0; i < n; ++i) {
+    errors.run([&] {
+      const T* row = x + i * ld;
+      for (index_t j = 0; j < d; ++j) {
+        if (!std::isfinite(row[j])) {
+          throw std::invalid_argument(std::string(what) + " has a non-finite value at row " +
+                                      std::to_string(i) + ", column " + std::to_string(j));
+        }
+      }
+    });
+  }
+  errors.rethrow();
+}
+
+inline void require(bool ok, const std::string& message) {
+  if (!ok) throw std::invalid_argument(message);
+}
+
+}  // namespace rom_fast::detail

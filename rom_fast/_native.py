@@ -1,0 +1,29 @@
+"""Loads the native core, after the BLAS/LAPACK it links against.
+
+The extension needs ``libscipy_openblas.so`` from the ``scipy-openblas32`` wheel. Loading it
+first with RTLD_GLOBAL lets the dynamic linker resolve the extension's dependency by soname
+wherever pip put the two packages (site-packages, user site, --target).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+
+def _preload_openblas() -> None:
+    try:
+        import scipy_openblas32
+    except ImportError as exc:  # pragma: no cover - a broken install
+        raise ImportError(
+            "rom_fast needs the scipy-openblas32 package (BLAS/LAPACK): pip install scipy-openblas32"
+        ) from exc
+    path = os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(fullname=True))
+    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+
+
+_preload_openblas()
+
+from rom_fast import _core  # noqa: E402
+
+__all__ = ["_core"]

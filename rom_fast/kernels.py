@@ -1,0 +1,172 @@
+"""Python face of the native core: statistics, eigensolvers and layer factorization.
+
+Every function accepts numpy arrays or torch CPU tensors (viewed without a copy) and refuses
+wrong dtypes, shapes or non-contiguous memory with a TypeError/ValueError naming the argument.
+Native work runs with the GIL released.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Union
+
+import numpy as np
+
+from rom_fast._arrays import as_array, as_optional
+from rom_fast._native import _core
+
+LapackError = _core.LapackError
+InputFactor = _core.InputFactor
+set_num_threads = _core.set_num_threads
+get_num_threads = _core.get_num_threads
+
+
+class GramAccumulator(_core.GramAccumulator):
+    """Streaming ``XᵀX`` (float64), column sum and token count over row-major chunks.
+
+    ``update(x)`` takes an ``n × dim`` float32/float64 array or tensor; ``merge(other)`` adds
+    another accumulator; ``gram``, ``column_sum``, ``count`` and ``centered_gram()`` read it.
+    """
+
+    def update(self, x) -> None:
+        super().update(as_array(x, "x"))
+
+
+def top_eigenpairs(sym, r: int, method: str = "auto"):
+    """The ``r`` largest eigenpairs of a symmetric float64 matrix.
+
+    Returns ``(values, vectors)``: values descending (r,), vectors ``r × dim`` (row i is the
+    unit eigenvector of values[i]). ``method``: "auto", "syevd" (all pairs) or "syevr" (subset).
+    """
+    return _core.top_eigenpairs(as_array(sym, "sym"), r, method)
+
+
+def eigenvalues(sym) -> np.ndarray:
+    """All eigenvalues of a symmetric float64 matrix, descending."""
+    return _core.eigenvalues(as_array(sym, "sym"))
+
+
+@dataclass(frozen=True)
+class Factorization:
+    """A layer ``y = W x (+ b)`` replaced by ``y ≈ w1 (w2 x + b2) + b1``.
+
+    ``w1`` is ``d_out × r`` (= V_rᵀ), ``w2`` is ``r × d_in`` (= V_r W); ``b2`` (= V_r b) comes
+    from an uncentred layer with a bias, ``b1`` from centred statistics. ``eigenvalues`` are the
+    r kept eigenvalues of the output second moment, ``total_energy`` its trace: the squared fit
+    error on the calibration tokens is ``total_energy - eigenvalues.sum()``.
+    Unpacks as ``w1, w2 = f`` only when there is no bias to lose.
+    """
+
+    w1: np.ndarray
+    w2: np.ndarray
+    b1: Optional[np.ndarray]
+    b2: Optional[np.ndarray]
+    eigenvalues: np.ndarray
+    total_energy: float
+
+    @property
+    def rank(self) -> int:
+        return self.w2.shape[0]
+
+    @property
+    def residual_energy(self) -> float:
+        return float(self.total_energy - self.eigenvalues.sum())
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        if self.b1 is not None or self.b2 is not None:
+            raise TypeError("this factorization has biases: read .w1, .w2, .b1, .b2 instead of unpacking")
+        return iter((self.w1, self.w2))
+
+
+def _result(raw: dict, dtype) -> Factorization:
+    cast = lambda a: None if a is None else a.astype(dtype, copy=False)  # noqa: E731
+    return Factorization(cast(raw["w1"]), cast(raw["w2"]), cast(raw["b1"]), cast(raw["b2"]),
+                         raw["eigenvalues"], float(raw["total_energy"]))
+
+
+def input_factor(stats, *, centered: bool = False, with_bias: bool = False,
+                 colsum=None, count: Optional[float] = None) -> InputFactor:
+    """Factor of a layer input's statistics, computed once and shared by the layers reading it.
+
+    ``stats`` is a GramAccumulator (which carries colsum and count) or a float64 Gram matrix
+    (then ``colsum`` and ``count`` are needed for centred or biased layers).
+    """
+    if isinstance(stats, _core.GramAccumulator):
+        gram, colsum, count = stats.gram, stats.column_sum, float(stats.count)
+    else:
+        gram = as_array(stats, "gram_in")
+        colsum = as_optional(colsum, "colsum")
+        if (centered or with_bias) and (colsum is None or count is None):
+            raise ValueError("centred or biased factorization needs colsum and count "
+                             "(or pass a GramAccumulator)")
+    return InputFactor(gram, colsum, 0.0 if count is None else float(count), centered, with_bias)
+
+
+def factorize(weight, gram_in: Union[np.ndarray, GramAccumulator, InputFactor], rank: int, *,
+              centered: bool = False, bias=None, colsum=None, count: Optional[float] = None,
+              method: str = "auto") -> Factorization:
+    """Best rank-``rank`` replacement of the linear layer ``weight`` (d_out × d_in).
+
+    ``gram_in``: the layer inputs' Gram ``XᵀX`` (float64 d_in × d_in), a GramAccumulator, or a
+    precomputed :func:`input_factor` (shared by q/k/v or gate/up). Uncentred (default) gives
+    the optimal rank-r linear fit of ``W X``; ``centered=True`` the optimal affine fit (its
+    constant goes into ``b1``). A layer ``bias`` is fitted exactly (it becomes ``b2``).
+    Factors come back in the weight's dtype.
+    """
+    w = as_array(weight, "weight")
+    b = as_optional(bias, "bias")
+    if isinstance(gram_in, InputFactor):
+        factor = gram_in
+        if factor.centered != centered:
+            raise ValueError(f"the input factor was built with centered={factor.centered}, "
+                             f"but centered={centered} was asked")
+    else:
+        factor = input_factor(gram_in, centered=centered, with_bias=b is not None and not centered,
+                              colsum=colsum, count=count)
+    raw = _core.factorize_layer(w, factor, rank, b, method)
+    return _result(raw, w.dtype)
+
+
+def factorize_output_gram(weight, gram_out, rank: int, *, centered: bool = False, bias=None,
+                          colsum_out=None, count: Optional[float] = None,
+                          method: str = "auto") -> Factorization:
+    """The same fit from the Gram of the layer's outputs ``YᵀY`` (d_out × d_out).
+
+    The cheap route when d_in > d_out (down_proj): the output Gram is accumulated from the
+    forward pass that is run anyway. ``gram_out`` may be a GramAccumulator over the outputs.
+    """
+    w = as_array(weight, "weight")
+    if isinstance(gram_out, _core.GramAccumulator):
+        gram, colsum_out, count = gram_out.gram, gram_out.column_sum, float(gram_out.count)
+    else:
+        gram = as_array(gram_out, "gram_out")
+        colsum_out = as_optional(colsum_out, "colsum_out")
+        if centered and (colsum_out is None or count is None):
+            raise ValueError("centred factorization needs colsum_out and count (or pass a GramAccumulator)")
+    raw = _core.factorize_layer_output_gram(w, gram, rank, as_optional(bias, "bias"), colsum_out,
+                                            0.0 if count is None else float(count), centered, method)
+    return _result(raw, w.dtype)
+
+
+def output_spectrum(weight, factor: InputFactor, bias=None) -> np.ndarray:
+    """All nonzero-capable eigenvalues of the layer's output second moment, descending.
+
+    ``sum(values[r:])`` is the exact squared error of the rank-r fit: what a rank planner needs.
+    """
+    w = as_array(weight, "weight")
+    if w.dtype != np.float64:
+        raise TypeError("weight must be float64 for output_spectrum (convert it explicitly)")
+    return _core.output_spectrum(w, factor, as_optional(bias, "bias"))
+
+
+def lowrank_apply(x, w1, w2, b1=None) -> np.ndarray:
+    """``y = w1 (w2 x) + b1`` for every row x of ``x`` (n × d_in), as a C++ server runs it."""
+    return _core.lowrank_apply(as_array(x, "x"), as_array(w1, "w1"), as_array(w2, "w2"),
+                               as_optional(b1, "b1"))
+
+
+__all__ = [
+    "Factorization", "GramAccumulator", "InputFactor", "LapackError", "eigenvalues",
+    "factorize", "factorize_output_gram", "get_num_threads", "input_factor", "lowrank_apply",
+    "output_spectrum", "set_num_threads", "top_eigenpairs",
+]
