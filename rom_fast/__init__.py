@@ -17,10 +17,17 @@ from rom_fast.kernels import (
     top_eigenpairs,
 )
 
+from rom_fast.api import compress
+from rom_fast.checkpoint import load, register_all as _register_all
+
 __version__ = _core.__version__
 
+# Registers the rom_fast_<base> config/model classes with transformers' Auto classes, so that
+# AutoModelForCausalLM.from_pretrained(dir) rebuilds factorized checkpoints.
+_register_all()
+
 __all__ = [
-    "Factorization", "GramAccumulator", "InputFactor", "LapackError", "__version__",
+    "compress", "load", "Factorization", "GramAccumulator", "InputFactor", "LapackError", "__version__",
     "eigenvalues", "factorize", "factorize_output_gram", "get_num_threads", "input_factor",
     "lowrank_apply", "output_spectrum", "set_num_threads", "top_eigenpairs",
 ]

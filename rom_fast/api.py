@@ -1,0 +1,138 @@
+"""``rom_fast.compress`` and ``rom_fast.load``: the product's main job."""
+
+from __future__ import annotations
+
+import json
+import resource
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from rom_fast import plans
+from rom_fast.adapters import adapter_for
+from rom_fast.calibration import calibration_tokens
+from rom_fast.checkpoint import save_compressed
+from rom_fast.lowrank import merge_lowrank
+from rom_fast.models import load_model
+from rom_fast.pipeline import CompressionOptions, CompressionReport, compress_model
+
+DEFAULT_CALIBRATION = "wiki"
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
+
+
+def resolve_plan(model: nn.Module, adapter, budget: Optional[float] = None,
+                 recipe: Optional[str] = None, ranks: Union[None, str, Path, Dict[str, int]] = None,
+                 last_k: Optional[int] = None) -> plans.RankPlan:
+    """One plan from the user's options: explicit ranks > named recipe > last_k > budget."""
+    chosen = [x is not None for x in (recipe, ranks)]
+    if sum(chosen) > 1:
+        raise ValueError("give at most one of recipe= and ranks=")
+    if ranks is not None:
+        if isinstance(ranks, dict):
+            shapes = plans.layer_shapes(model, adapter)
+            bad = [n for n in ranks if n not in shapes]
+            if bad:
+                raise ValueError(f"ranks names layers this model does not have: {bad[:5]}")
+            total = plans.total_params(model)
+            kept = plans.kept_params(total, shapes, ranks)
+            return plans.RankPlan(dict(ranks), "explicit ranks",
+                                  {"kind": "explicit", "kept_params": kept, "total_params": total,
+                                   "ratio": kept / total})
+        return plans.ranks_from_file(model, adapter, ranks)
+    if recipe is not None:
+        return plans.paper_recipe(model, adapter, recipe)
+    if budget is None:
+        budget = 0.8
+    if last_k is not None:
+        return plans.last_k_plan(model, adapter, budget, last_k)
+    return plans.recipe_for_budget(model, adapter, budget)
+
+
+def _model_card(source: str, plan: plans.RankPlan, calibration: str, report: CompressionReport,
+                before: int, after: int, command: str) -> str:
+    return f"""# Compressed with rom_fast (LLM-ROM)
+
+- Source model: `{source}`
+- Parameters: {before:,} -> {after:,} ({after / before:.1%} kept)
+- Plan: {plan.description}
+- Calibration: {calibration}
+- Factorized layers: {len(report.layers)}
+- Command: `{command}`
+
+Load it with `rom_fast.load(path)`, or with `transformers.AutoModelForCausalLM.from_pretrained(path)`
+after `import rom_fast` (which registers the factorized model classes).
+"""
+
+
+def compress(model, calibration=None, budget: Optional[float] = None, *, recipe: Optional[str] = None,
+             ranks=None, last_k: Optional[int] = None, out=None, tokenizer=None,
+             n_samples: int = 512, seq_len: int = 128, seed: Optional[int] = 0,
+             centered: bool = False, batch_size: int = 16, merge: bool = False,
+             overwrite: bool = False, progress: bool = True, command: Optional[str] = None):
+    """Compresses a LLaMA-family model by reduced order modelling and returns it.
+
+    model: a transformers model object, a Hugging Face directory, a ``.gguf`` file, or
+        ``"smollm2"`` (the embedded SmolLM2-135M-Instruct).
+    calibration: see :func:`rom_fast.calibration.calibration_tokens` (text/jsonl file, list of
+        strings, token ids, ``"combination"``, ``"wiki"``, ``"c4"``, ``"shakespeare"``).
+    budget: fraction of all parameters to keep (default 0.8); or ``recipe="paper-80"`` etc.,
+        ``last_k=`` with ``budget=``, or ``ranks=`` (a dict or JSON file of per-layer ranks).
+    out: if given, the compressed model is written there (atomically) and can be reloaded with
+        :func:`rom_fast.load`. ``merge=True`` writes dense ``W1 W2`` weights instead.
+    """
+    t0 = time.perf_counter()
+    source = model if isinstance(model, (str, Path)) else type(model).__name__
+    model, tok = load_model(model, tokenizer=tokenizer)
+    model.eval()
+    adapter = adapter_for(model)
+    plan = resolve_plan(model, adapter, budget, recipe, ranks, last_k)
+    calibration = DEFAULT_CALIBRATION if calibration is None else calibration
+    if tok is None and not isinstance(calibration, (torch.Tensor, dict, tuple)):
+        raise ValueError("a tokenizer is needed to tokenize the calibration data: pass tokenizer=")
+    calib = calibration_tokens(calibration, tok, n_samples=n_samples, seq_len=seq_len, seed=seed)
+    before = plans.total_params(model)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(adapter.blocks()), desc="rom_fast blocks", unit="block")
+
+    def tick(done, total):
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    report = compress_model(model, adapter, calib.input_ids, calib.attention_mask, plan.ranks,
+                            CompressionOptions(centered=centered, batch_size=batch_size),
+                            progress=tick)
+    if bar is not None:
+        bar.close()
+    after = plans.total_params(model)
+    report.seconds["total"] = time.perf_counter() - t0
+    summary = {
+        "params_before": before, "params_after": after, "ratio": after / before,
+        "seconds": dict(report.seconds), "peak_rss_bytes": peak_rss_bytes(),
+        "calibration": calib.description, "n_tokens": int(calib.attention_mask.sum()),
+        "centered": centered,
+    }
+    model.rom_fast_summary = summary
+    model.rom_fast_report = report
+    if merge:
+        merge_lowrank(model)
+    if out is not None:
+        command = command or " ".join(shlex.quote(a) for a in sys.argv)
+        metadata = {"plan": plan.to_json(), "summary": summary, "command": command,
+                    "source": str(source),
+                    "layer_energy": {r.name: r.retained_energy for r in report.layers}}
+        save_compressed(model, tok, out, metadata,
+                        _model_card(str(source), plan, calib.description, report, before, after, command),
+                        merged=merge, overwrite=overwrite)
+    return model

@@ -1,0 +1,106 @@
+"""The module that replaces a compressed linear layer: ``y = expand(reduce(x))``."""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+
+class LowRankLinear(nn.Module):
+    """``y = W1 (W2 x + b2) + b1`` with ``reduce`` = W2 (r × d_in) and ``expand`` = W1 (d_out × r).
+
+    Holds ``r (d_in + d_out)`` weights instead of ``d_in d_out``. Exposes ``in_features`` and
+    ``out_features`` like the ``nn.Linear`` it replaces.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, *, reduce_bias: bool = False,
+                 expand_bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.reduce = nn.Linear(in_features, rank, bias=reduce_bias, device=device, dtype=dtype)
+        self.expand = nn.Linear(rank, out_features, bias=expand_bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.expand(self.reduce(x))
+
+    def merged_weight(self) -> torch.Tensor:
+        """The dense equivalent ``W1 W2`` (d_out × d_in)."""
+        return self.expand.weight @ self.reduce.weight
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def lowrank_params(d_out: int, d_in: int, rank: int) -> int:
+    return rank * (d_in + d_out)
+
+
+def saves_parameters(d_out: int, d_in: int, rank: int) -> bool:
+    """A layer is only ever replaced by factors that hold fewer weights than it had."""
+    return lowrank_params(d_out, d_in, rank) < d_out * d_in
+
+
+def get_module(root: nn.Module, name: str) -> nn.Module:
+    return root.get_submodule(name)
+
+
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def from_factors(linear: nn.Linear, w1, w2, b1=None, b2=None) -> LowRankLinear:
+    """A LowRankLinear in the dtype/device of ``linear`` holding the given factors."""
+    d_out, rank = w1.shape
+    layer = LowRankLinear(linear.in_features, linear.out_features, rank,
+                          reduce_bias=b2 is not None, expand_bias=b1 is not None,
+                          device=linear.weight.device, dtype=linear.weight.dtype)
+    to = lambda a: torch.as_tensor(a).to(linear.weight.dtype)  # noqa: E731
+    with torch.no_grad():
+        layer.reduce.weight.copy_(to(w2))
+        layer.expand.weight.copy_(to(w1))
+        if b2 is not None:
+            layer.reduce.bias.copy_(to(b2))
+        if b1 is not None:
+            layer.expand.bias.copy_(to(b1))
+    return layer
+
+
+def apply_structure(model: nn.Module, layers: Mapping[str, Mapping], device=None, dtype=None) -> None:
+    """Replaces the named linears by empty LowRankLinear modules (to load saved factors into).
+
+    ``layers`` maps a module name to ``{"rank": r, "reduce_bias": bool, "expand_bias": bool}``.
+    """
+    for name, spec in layers.items():
+        old = get_module(model, name)
+        if not isinstance(old, nn.Linear):
+            raise ValueError(f"{name} is {type(old).__name__}, expected nn.Linear")
+        set_module(model, name, LowRankLinear(
+            old.in_features, old.out_features, int(spec["rank"]),
+            reduce_bias=bool(spec.get("reduce_bias", False)),
+            expand_bias=bool(spec.get("expand_bias", False)),
+            device=device if device is not None else old.weight.device,
+            dtype=dtype if dtype is not None else old.weight.dtype))
+
+
+def merge_lowrank(model: nn.Module, names: Optional[list] = None) -> None:
+    """Replaces LowRankLinear modules by dense nn.Linear holding ``W1 W2`` (for tools that
+    cannot hold factorized layers)."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, LowRankLinear) or (names is not None and name not in names):
+            continue
+        dense = nn.Linear(module.in_features, module.out_features,
+                          bias=module.reduce.bias is not None or module.expand.bias is not None,
+                          device=module.expand.weight.device, dtype=module.expand.weight.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(module.merged_weight())
+            if dense.bias is not None:
+                b = torch.zeros_like(dense.bias)
+                if module.reduce.bias is not None:
+                    b += module.expand.weight @ module.reduce.bias
+                if module.expand.bias is not None:
+                    b += module.expand.bias
+                dense.bias.copy_(b)
+        set_module(model, name, dense)

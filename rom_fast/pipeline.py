@@ -1,0 +1,276 @@
+"""The layer loop: error-aware reduced order modelling of every decoder block.
+
+For each block, four statistics stages run in order, each on activations produced by the
+layers already compressed (the paper's error-aware order):
+
+1. attention input  -> q, k, v   (one shared input Gram and factor)
+2. attention output -> o_proj
+3. MLP input        -> gate, up  (one shared input Gram and factor)
+4. MLP hidden       -> down_proj (the *output* Gram when d_in > d_out: ~(d_in/d_out)^2 cheaper)
+
+Each stage runs only the part of the block it needs, once; the block's outputs become the next
+block's inputs. Statistics and factors are computed by the native core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+from torch import nn
+
+from rom_fast import kernels
+from rom_fast.adapters import ModelAdapter
+from rom_fast.lowrank import from_factors
+
+
+@dataclass
+class CompressionOptions:
+    centered: bool = False          # paper's released code centres; uncentred is the optimal linear fit
+    batch_size: int = 16            # calibration sequences per forward
+    eigen_method: str = "auto"
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    d_out: int
+    d_in: int
+    rank: int
+    retained_energy: float          # fraction of the output energy kept on calibration tokens
+    route: str                      # "input-gram" or "output-gram"
+
+
+@dataclass
+class CompressionReport:
+    layers: List[LayerRecord] = field(default_factory=list)
+    seconds: Dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Timer:
+    def __init__(self, seconds: Dict[str, float]):
+        self.seconds = seconds
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor, batch_size: int):
+    """Runs the model up to its first block once per micro-batch and keeps what the block gets:
+    hidden states and the keyword arguments (masks, rotary embeddings) built by the model."""
+    first = adapter.blocks()[0]
+    captured = {}
+
+    def hook(_module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    hiddens, kwargs_list = [], []
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[start:start + batch_size]
+            mask = attention_mask[start:start + batch_size]
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _StopForward:
+                pass
+            hiddens.append(captured["hidden"].detach().clone())
+            kwargs_list.append(captured["kwargs"])
+    finally:
+        handle.remove()
+    return hiddens, kwargs_list
+
+
+@contextlib.contextmanager
+def _as_identity(parent: nn.Module, child: str) -> Iterator[nn.Module]:
+    """Temporarily replaces ``parent.child`` by the identity, yielding the original module, so
+    the parent's forward returns the child's input (e.g. attention without o_proj)."""
+    original = getattr(parent, child)
+    setattr(parent, child, nn.Identity())
+    try:
+        yield original
+    finally:
+        setattr(parent, child, original)
+
+
+def _rows(x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """The (n_real_tokens × d) rows of a (batch × seq × d) activation: padding never counts."""
+    return x[token_mask].float().contiguous()
+
+
+class BlockCompressor:
+    """Compresses one decoder block in place, given its calibration inputs."""
+
+    def __init__(self, adapter: ModelAdapter, options: CompressionOptions, report: CompressionReport,
+                 timer: _Timer):
+        self.adapter, self.options, self.report, self.timer = adapter, options, report, timer
+
+    # -- statistics -> factors ------------------------------------------------------------
+    def _factorize_input_stage(self, block: nn.Module, prefix: str, names, ranks, acc):
+        todo = [n for n in names if n in ranks]
+        if not todo:
+            return
+        with self.timer("factorize"):
+            linears = {n: block.get_submodule(n) for n in todo}
+            has_bias = any(lin.bias is not None for lin in linears.values())
+            factor = kernels.input_factor(acc, centered=self.options.centered,
+                                          with_bias=has_bias and not self.options.centered)
+            for name, lin in linears.items():
+                bias = None if lin.bias is None else lin.bias.detach().numpy()
+                f = kernels.factorize(lin.weight.detach().numpy(), factor, ranks[name],
+                                      centered=self.options.centered, bias=bias,
+                                      method=self.options.eigen_method)
+                self._replace(block, prefix, name, lin, f, "input-gram")
+
+    def _replace(self, block, prefix, name, lin, f: kernels.Factorization, route: str):
+        parent, _, child = name.rpartition(".")
+        setattr(block.get_submodule(parent), child, from_factors(lin, f.w1, f.w2, f.b1, f.b2))
+        energy = f.eigenvalues.sum() / f.total_energy if f.total_energy > 0 else 1.0
+        self.report.layers.append(LayerRecord(prefix + name, lin.out_features, lin.in_features,
+                                              f.rank, float(energy), route))
+
+    # -- the block --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def compress(self, block: nn.Module, prefix: str, hiddens: List[torch.Tensor], kwargs_list,
+                 token_masks: List[torch.Tensor], ranks: Dict[str, int]) -> List[torch.Tensor]:
+        """Compresses the linears of ``block`` named in ``ranks`` (relative names) and returns
+        the block's outputs, computed with the compressed block."""
+        a = self.adapter
+        norm1 = block.get_submodule(a.input_norm)
+        norm2 = block.get_submodule(a.post_attention_norm)
+        attn = block.get_submodule(a.attention)
+        mlp = block.get_submodule(a.mlp)
+        stages = a.stages
+        hidden_dim = hiddens[0].shape[-1]
+
+        def attention(h, kw):
+            return attn(hidden_states=norm1(h), position_embeddings=kw.get("position_embeddings"),
+                        attention_mask=kw.get("attention_mask"))[0]
+
+        # 1. q/k/v from the attention input.
+        if any(n in ranks for n in stages[0].linears):
+            acc = kernels.GramAccumulator(hidden_dim)
+            for h, m in zip(hiddens, token_masks):
+                with self.timer("forward"):
+                    x = _rows(norm1(h), m)
+                with self.timer("statistics"):
+                    acc.update(x)
+            self._factorize_input_stage(block, prefix, stages[0].linears, ranks, acc)
+
+        # 2. o_proj from the attention output (computed once, with q/k/v compressed).
+        with _as_identity(attn, a.out_proj):
+            with self.timer("forward"):
+                attn_out = [attention(h, kw) for h, kw in zip(hiddens, kwargs_list)]
+        if any(n in ranks for n in stages[1].linears):
+            acc = kernels.GramAccumulator(attn_out[0].shape[-1])
+            with self.timer("statistics"):
+                for o, m in zip(attn_out, token_masks):
+                    acc.update(_rows(o, m))
+            self._factorize_input_stage(block, prefix, stages[1].linears, ranks, acc)
+        out_proj = attn.get_submodule(a.out_proj)
+        with self.timer("forward"):
+            for h, o in zip(hiddens, attn_out):
+                h.add_(out_proj(o))
+        del attn_out
+
+        # 3. gate/up from the MLP input.
+        if any(n in ranks for n in stages[2].linears):
+            acc = kernels.GramAccumulator(hidden_dim)
+            for h, m in zip(hiddens, token_masks):
+                with self.timer("forward"):
+                    x = _rows(norm2(h), m)
+                with self.timer("statistics"):
+                    acc.update(x)
+            self._factorize_input_stage(block, prefix, stages[2].linears, ranks, acc)
+
+        # 4. down_proj from the MLP hidden activations (gate/up compressed).
+        (down_name,) = stages[3].linears
+        if down_name in ranks:
+            down = block.get_submodule(down_name)
+            output_route = down.in_features > down.out_features
+            acc = kernels.GramAccumulator(down.out_features if output_route else down.in_features)
+            with _as_identity(mlp, a.down_proj):
+                for h, m in zip(hiddens, token_masks):
+                    with self.timer("forward"):
+                        act = _rows(mlp(norm2(h)), m)
+                        if output_route:
+                            act = down(act)   # y = W x + b: the forward pass's own output
+                    with self.timer("statistics"):
+                        acc.update(act)
+            with self.timer("factorize"):
+                bias = None if down.bias is None else down.bias.detach().numpy()
+                if output_route:
+                    f = kernels.factorize_output_gram(down.weight.detach().numpy(), acc, ranks[down_name],
+                                                      centered=self.options.centered, bias=bias,
+                                                      method=self.options.eigen_method)
+                else:
+                    factor = kernels.input_factor(acc, centered=self.options.centered,
+                                                  with_bias=bias is not None and not self.options.centered)
+                    f = kernels.factorize(down.weight.detach().numpy(), factor, ranks[down_name],
+                                          centered=self.options.centered, bias=bias,
+                                          method=self.options.eigen_method)
+                self._replace(block, prefix, down_name, down, f,
+                              "output-gram" if output_route else "input-gram")
+
+        # The block's outputs with every layer compressed: the next block's inputs.
+        with self.timer("forward"):
+            for h in hiddens:
+                h.add_(mlp(norm2(h)))
+        return hiddens
+
+
+def compress_model(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, ranks: Dict[str, int],
+                   options: Optional[CompressionOptions] = None,
+                   progress: Optional[Callable[[int, int], None]] = None,
+                   block_loader: Optional[Callable[[int], None]] = None,
+                   block_done: Optional[Callable[[int], None]] = None) -> CompressionReport:
+    """Compresses ``model`` in place following ``ranks`` ({full module name: rank}).
+
+    ``block_loader(i)`` / ``block_done(i)`` let a streaming caller materialise block i from disk
+    just before it is needed and release it after.
+    """
+    options = options or CompressionOptions()
+    report = CompressionReport()
+    timer = _Timer(report.seconds)
+    blocks = adapter.blocks()
+    known = {adapter.block_prefix(i) + n for i in range(len(blocks)) for n in adapter.linear_names()}
+    unknown = sorted(set(ranks) - known)
+    if unknown:
+        raise ValueError(f"plan names layers this model does not have: {unknown[:5]}")
+    with timer("capture"):
+        hiddens, kwargs_list = capture_block_inputs(model, adapter, input_ids, attention_mask,
+                                                    options.batch_size)
+    token_masks = [m.bool() for m in attention_mask.split(options.batch_size)]
+    compressor = BlockCompressor(adapter, options, report, timer)
+    last_needed = max((int(n.split(".")[2]) for n in ranks), default=-1)
+    for i, block in enumerate(blocks):
+        if i > last_needed:
+            break   # later blocks stay dense: no need to run them
+        if block_loader:
+            block_loader(i)
+        prefix = adapter.block_prefix(i)
+        block_ranks = {n[len(prefix):]: r for n, r in ranks.items() if n.startswith(prefix)}
+        hiddens = compressor.compress(block, prefix, hiddens, kwargs_list, token_masks, block_ranks)
+        if block_done:
+            block_done(i)
+        if progress:
+            progress(i + 1, last_needed + 1)
+    return report

@@ -1,0 +1,156 @@
+"""Rank plans: which linear gets which rank.
+
+A plan is a ``{module name: rank}`` mapping (layers absent stay dense) plus a description,
+saved with the compressed model. Budgets are fractions of the model's *total* parameter count
+(embeddings included), as in the paper's tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+from torch import nn
+
+from rom_fast.adapters import ModelAdapter
+from rom_fast.lowrank import lowrank_params, saves_parameters
+
+# The paper's LLaMA-7B recipes: (kept ratio, last k of 32 blocks, module budget).
+PAPER_RECIPES: Dict[str, Tuple[float, int, float]] = {
+    "paper-90": (0.90, 8, 0.60),
+    "paper-80": (0.80, 12, 0.46),
+    "paper-50": (0.50, 24, 0.33),
+}
+
+
+@dataclass
+class RankPlan:
+    ranks: Dict[str, int]
+    description: str
+    details: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"ranks": dict(self.ranks), "description": self.description, "details": self.details}
+
+
+def layer_shapes(model: nn.Module, adapter: ModelAdapter) -> Dict[str, Tuple[int, int]]:
+    """``{module name: (d_out, d_in)}`` for every compressible linear, in block order."""
+    shapes = {}
+    for i, block in enumerate(adapter.blocks()):
+        for rel in adapter.linear_names():
+            lin = block.get_submodule(rel)
+            shapes[adapter.block_prefix(i) + rel] = (lin.out_features, lin.in_features)
+    return shapes
+
+
+def total_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() is tie-aware
+
+
+def kept_params(total: int, shapes: Dict[str, Tuple[int, int]], ranks: Dict[str, int]) -> int:
+    kept = total
+    for name, r in ranks.items():
+        d_out, d_in = shapes[name]
+        kept += lowrank_params(d_out, d_in, r) - d_out * d_in
+    return kept
+
+
+def module_rank(d_out: int, d_in: int, budget: float) -> int:
+    """Rank that keeps ``budget`` of a layer's weights: max(1, floor(b d_out d_in / (d_out + d_in)))."""
+    return max(1, math.floor(budget * d_out * d_in / (d_out + d_in)))
+
+
+def uniform_ranks(shapes, names, budget: float) -> Dict[str, int]:
+    ranks = {}
+    for name in names:
+        d_out, d_in = shapes[name]
+        r = module_rank(d_out, d_in, budget)
+        if saves_parameters(d_out, d_in, r):   # never more weights than the dense layer
+            ranks[name] = r
+    return ranks
+
+
+def last_k_plan(model: nn.Module, adapter: ModelAdapter, ratio: float, k: int,
+                label: Optional[str] = None) -> RankPlan:
+    """Uniform module budget on the last ``k`` blocks, solved so the whole model keeps ``ratio``
+    of its parameters (the paper's recipe; its budgets are per module, ours is solved from the
+    total so it transfers to models whose embeddings weigh differently)."""
+    n_blocks = len(adapter.blocks())
+    if not 1 <= k <= n_blocks:
+        raise ValueError(f"k must be in [1, {n_blocks}], got {k}")
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"budget must be in (0, 1), got {ratio}")
+    shapes = layer_shapes(model, adapter)
+    total = total_params(model)
+    names = [n for n in shapes if int(n.split(".")[2]) >= n_blocks - k]
+    target = ratio * total
+    lo, hi = 0.0, 1.0
+    if kept_params(total, shapes, uniform_ranks(shapes, names, 0.0)) > target:
+        raise ValueError(f"the last {k} blocks cannot reach {ratio:.0%} of the parameters even at rank 1; "
+                         "use more blocks")
+    for _ in range(60):   # bisection on the module budget; kept params grow with it
+        mid = (lo + hi) / 2
+        if kept_params(total, shapes, uniform_ranks(shapes, names, mid)) > target:
+            hi = mid
+        else:
+            lo = mid
+    ranks = uniform_ranks(shapes, names, lo)
+    kept = kept_params(total, shapes, ranks)
+    return RankPlan(ranks, label or f"last {k} of {n_blocks} blocks at module budget {lo:.3f}",
+                    {"kind": "last_k", "k": k, "module_budget": lo, "target_ratio": ratio,
+                     "kept_params": kept, "total_params": total, "ratio": kept / total})
+
+
+def paper_recipe(model: nn.Module, adapter: ModelAdapter, name: str) -> RankPlan:
+    """The paper's 90/80/50% recipes, with "last k of 32 blocks" scaled to the model's depth."""
+    if name not in PAPER_RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(PAPER_RECIPES)}")
+    ratio, k32, _ = PAPER_RECIPES[name]
+    n_blocks = len(adapter.blocks())
+    k = max(1, min(n_blocks, round(k32 * n_blocks / 32)))
+    return last_k_plan(model, adapter, ratio, k,
+                       label=f"{name}: last {k} of {n_blocks} blocks (paper: last {k32} of 32), "
+                             f"module budget solved for {ratio:.0%} of all parameters")
+
+
+def recipe_for_budget(model: nn.Module, adapter: ModelAdapter, ratio: float) -> RankPlan:
+    """The paper's recipe at any budget: k/32 interpolated between its 90/80/50% settings."""
+    pts = sorted((r, k) for r, k, _ in PAPER_RECIPES.values())
+    if ratio <= pts[0][0]:
+        k32 = pts[0][1]
+    elif ratio >= pts[-1][0]:
+        k32 = pts[-1][1]
+    else:
+        for (r0, k0), (r1, k1) in zip(pts, pts[1:]):
+            if r0 <= ratio <= r1:
+                k32 = k0 + (k1 - k0) * (ratio - r0) / (r1 - r0)
+    n_blocks = len(adapter.blocks())
+    k = max(1, min(n_blocks, round(k32 * n_blocks / 32)))
+    return last_k_plan(model, adapter, ratio, k,
+                       label=f"paper recipe at {ratio:.0%}: last {k} of {n_blocks} blocks")
+
+
+def ranks_from_file(model: nn.Module, adapter: ModelAdapter, path: Union[str, Path]) -> RankPlan:
+    """Explicit ranks: a JSON object ``{module name: rank}`` (or ``{"ranks": {...}}``)."""
+    data = json.loads(Path(path).read_text())
+    ranks = data.get("ranks", data) if isinstance(data, dict) else None
+    if not isinstance(ranks, dict):
+        raise ValueError(f"{path}: expected a JSON object mapping module names to ranks")
+    shapes = layer_shapes(model, adapter)
+    plan = {}
+    for name, r in ranks.items():
+        if name not in shapes:
+            raise ValueError(f"{path}: {name!r} is not a compressible linear of this model")
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"{path}: rank of {name} must be a positive integer, got {r!r}")
+        d_out, d_in = shapes[name]
+        if not saves_parameters(d_out, d_in, r):
+            raise ValueError(f"{path}: rank {r} for {name} ({d_out}x{d_in}) would not save parameters")
+        plan[name] = r
+    total = total_params(model)
+    kept = kept_params(total, shapes, plan)
+    return RankPlan(plan, f"explicit ranks from {Path(path).name}",
+                    {"kind": "file", "kept_params": kept, "total_params": total, "ratio": kept / total})
