@@ -79,6 +79,8 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
              overwrite: bool = False, progress: bool = True, command: Optional[str] = None):
     """Compresses a LLaMA-family model by reduced order modelling and returns it.
 
+    A model object passed in is compressed in place (copy it first to keep the dense one).
+
     model: a transformers model object, a Hugging Face directory, a ``.gguf`` file, or
         ``"smollm2"`` (the embedded SmolLM2-135M-Instruct).
     calibration: see :func:`rom_fast.calibration.calibration_tokens` (text/jsonl file, list of

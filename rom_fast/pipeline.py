@@ -255,6 +255,9 @@ def compress_model(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Ten
     unknown = sorted(set(ranks) - known)
     if unknown:
         raise ValueError(f"plan names layers this model does not have: {unknown[:5]}")
+    not_dense = [n for n in ranks if not isinstance(model.get_submodule(n), nn.Linear)]
+    if not_dense:
+        raise ValueError(f"layers are already compressed (not nn.Linear): {not_dense[:5]}")
     with timer("capture"):
         hiddens, kwargs_list = capture_block_inputs(model, adapter, input_ids, attention_mask,
                                                     options.batch_size)

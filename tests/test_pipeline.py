@@ -1,0 +1,210 @@
+"""compress(): every adapter against the independent float64 reference, checkpoints, plans."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+import rom_fast
+from rom_fast import plans
+from rom_fast.adapters import adapter_for
+from rom_fast.lowrank import LowRankLinear
+
+sys.path.insert(0, os.path.dirname(__file__))
+from reference_rom import reference_compress  # noqa: E402
+
+LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def tiny_model(kind: str):
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**TINY, tie_word_embeddings=True)
+    elif kind == "mistral":
+        cfg = transformers.MistralConfig(**TINY, sliding_window=None)
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2Config(**TINY, use_sliding_window=False)
+    else:
+        raise AssertionError(kind)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    # Trained models have non-trivial biases; random init leaves them zero.
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+                mod.bias.normal_(0, 0.5)
+    return model
+
+
+def calibration(n=20, seq=24, vocab=211):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (n, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 15:] = 0
+    mask[7, 5:] = 0
+    return ids, mask
+
+
+def all_ranks(blocks=(1, 2), rank=12):
+    return {f"model.layers.{i}.{n}": rank for i in blocks for n in LINEARS}
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_adapter_contract_matches_float64_reference(kind):
+    model = tiny_model(kind)
+    ids, mask = calibration()
+    ranks = all_ranks()
+    ref, subspaces = reference_compress(copy.deepcopy(model), ids, mask, ranks)
+    ours = rom_fast.compress(copy.deepcopy(model), calibration={"input_ids": ids, "attention_mask": mask},
+                             ranks=ranks, n_samples=ids.shape[0], seq_len=ids.shape[1], batch_size=6,
+                             progress=False)
+    test_ids = torch.randint(0, 211, (3, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a = ours(test_ids).logits.double()
+        b = ref(test_ids).logits.double()
+        dense = model(test_ids).logits.double()
+    assert (dense - b).abs().max() > 1e-2          # the compression did something
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    for name, v_ref in subspaces.items():
+        layer = ours.get_submodule(name)
+        assert isinstance(layer, LowRankLinear)
+        w1 = layer.expand.weight.detach().double().numpy()     # V_rᵀ
+        angles = scipy.linalg.subspace_angles(w1, v_ref.T.numpy() if hasattr(v_ref, "numpy") else v_ref.T)
+        assert angles.max() < 1e-3, (name, angles.max())
+    assert plans.total_params(ours) < plans.total_params(model)
+
+
+def test_padding_never_enters_statistics():
+    model = tiny_model("llama")
+    ids, mask = calibration()
+    other = ids.clone()
+    other[mask == 0] = (other[mask == 0] + 17) % 211       # different garbage under the padding
+    kw = dict(ranks=all_ranks(), n_samples=ids.shape[0], seq_len=ids.shape[1], progress=False)
+    a = rom_fast.compress(copy.deepcopy(model), calibration={"input_ids": ids, "attention_mask": mask}, **kw)
+    b = rom_fast.compress(copy.deepcopy(model), calibration={"input_ids": other, "attention_mask": mask}, **kw)
+    for name in all_ranks():
+        torch.testing.assert_close(a.get_submodule(name).expand.weight, b.get_submodule(name).expand.weight,
+                                   atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_checkpoint_round_trip_and_transformers_loading(tmp_path, kind):
+    model = tiny_model(kind)
+    ids, mask = calibration()
+    out = tmp_path / "rom"
+    ours = rom_fast.compress(model, calibration={"input_ids": ids, "attention_mask": mask}, ranks=all_ranks(),
+                             n_samples=ids.shape[0], seq_len=ids.shape[1], out=out, progress=False,
+                             command="test")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == f"rom_fast_{kind}"
+    assert set(cfg["rom_fast"]["layers"]) == set(all_ranks())
+    assert cfg["rom_fast"]["plan"]["ranks"] == all_ranks()
+    assert (out / "README.md").read_text().count("Command: `test`") == 1
+    test_ids = torch.randint(0, 211, (2, 16))
+    with torch.no_grad():
+        expected = ours(test_ids).logits
+        loaded = rom_fast.load(out)
+        torch.testing.assert_close(loaded(test_ids).logits, expected, atol=0, rtol=0)
+        auto = AutoModelForCausalLM.from_pretrained(out)
+        torch.testing.assert_close(auto(test_ids).logits, expected, atol=0, rtol=0)
+    assert plans.total_params(loaded) == plans.total_params(ours)
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_merged_export_is_dense_and_equivalent(tmp_path):
+    model = tiny_model("qwen2")
+    ids, mask = calibration()
+    kw = dict(calibration={"input_ids": ids, "attention_mask": mask}, ranks=all_ranks(),
+              n_samples=ids.shape[0], seq_len=ids.shape[1], progress=False)
+    factored = rom_fast.compress(copy.deepcopy(model), **kw)
+    rom_fast.compress(copy.deepcopy(model), out=tmp_path / "m", merge=True, **kw)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert type(merged).__name__ == "Qwen2ForCausalLM"
+    test_ids = torch.randint(0, 211, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(test_ids).logits, factored(test_ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    model = tiny_model("llama")
+    ids, mask = calibration()
+
+    class BrokenTokenizer:
+        def save_pretrained(self, path):
+            (tmp_path / "seen").write_text(str(path))
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        rom_fast.compress(model, calibration={"input_ids": ids, "attention_mask": mask}, ranks=all_ranks(),
+                          tokenizer=BrokenTokenizer(), n_samples=ids.shape[0], seq_len=ids.shape[1],
+                          out=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seen"]
+    with pytest.raises(ValueError, match="already compressed"):   # compress() works in place
+        rom_fast.compress(model, calibration={"input_ids": ids, "attention_mask": mask}, ranks=all_ranks(),
+                          n_samples=ids.shape[0], seq_len=ids.shape[1], progress=False)
+    model = tiny_model("llama")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError):
+        rom_fast.compress(model, calibration={"input_ids": ids, "attention_mask": mask}, ranks=all_ranks(),
+                          n_samples=ids.shape[0], seq_len=ids.shape[1], out=tmp_path / "out", progress=False)
+
+
+def test_plans():
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    total = plans.total_params(model)
+    plan = plans.last_k_plan(model, adapter, 0.8, 2)
+    assert abs(plan.details["ratio"] - 0.8) < 0.02
+    assert all(int(n.split(".")[2]) >= 1 for n in plan.ranks)
+    for name, r in plan.ranks.items():
+        lin = model.get_submodule(name)
+        assert r * (lin.in_features + lin.out_features) < lin.in_features * lin.out_features
+    recipe = plans.paper_recipe(model, adapter, "paper-50")
+    assert abs(recipe.details["kept_params"] / total - 0.5) < 0.05
+    with pytest.raises(ValueError, match="unknown recipe"):
+        plans.paper_recipe(model, adapter, "paper-70")
+    with pytest.raises(ValueError, match="k must be"):
+        plans.last_k_plan(model, adapter, 0.8, 9)
+
+
+def test_ranks_file_errors(tmp_path):
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"model.layers.0.mlp.up_proj": 8}))
+    assert plans.ranks_from_file(model, adapter, f).ranks == {"model.layers.0.mlp.up_proj": 8}
+    f.write_text(json.dumps({"model.layers.9.mlp.up_proj": 8}))
+    with pytest.raises(ValueError, match="not a compressible linear"):
+        plans.ranks_from_file(model, adapter, f)
+    f.write_text(json.dumps({"model.layers.0.mlp.up_proj": 60}))
+    with pytest.raises(ValueError, match="would not save parameters"):
+        plans.ranks_from_file(model, adapter, f)
+
+
+def test_unsupported_architecture_is_a_clear_error():
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
+        rom_fast.compress(model, calibration=torch.zeros(4, 8, dtype=torch.long), budget=0.8, progress=False)
+
+
+def test_cli_help_lists_every_option(capsys):
+    from rom_fast.cli import main
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    text = capsys.readouterr().out
+    for opt in ("--calibration", "--budget", "--recipe", "--ranks", "--last-k", "--out", "--merge",
+                "--n-samples", "--seq-len", "--seed", "--centered", "--overwrite"):
+        assert opt in text
