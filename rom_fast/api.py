@@ -16,10 +16,11 @@ from torch import nn
 from rom_fast import plans
 from rom_fast.adapters import adapter_for
 from rom_fast.calibration import calibration_tokens
-from rom_fast.checkpoint import save_compressed
+from rom_fast.checkpoint import atomic_directory, load, save_compressed, write_metadata
 from rom_fast.lowrank import merge_lowrank
 from rom_fast.models import load_model
 from rom_fast.pipeline import CompressionOptions, CompressionReport, compress_model
+from rom_fast.streaming import ShardWriter, StreamedModel
 
 DEFAULT_CALIBRATION = "wiki"
 
@@ -72,27 +73,44 @@ after `import rom_fast` (which registers the factorized model classes).
 """
 
 
+def _directory_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
 def compress(model, calibration=None, budget: Optional[float] = None, *, recipe: Optional[str] = None,
              ranks=None, last_k: Optional[int] = None, out=None, tokenizer=None,
              n_samples: int = 512, seq_len: int = 128, seed: Optional[int] = 0,
              centered: bool = False, batch_size: int = 16, merge: bool = False,
-             overwrite: bool = False, progress: bool = True, command: Optional[str] = None):
+             overwrite: bool = False, progress: bool = True, command: Optional[str] = None,
+             return_model: bool = True):
     """Compresses a LLaMA-family model by reduced order modelling and returns it.
 
     A model object passed in is compressed in place (copy it first to keep the dense one).
 
     model: a transformers model object, a Hugging Face directory, a ``.gguf`` file, or
-        ``"smollm2"`` (the embedded SmolLM2-135M-Instruct).
+        ``"smollm2"`` (the embedded SmolLM2-135M-Instruct). A directory compressed to ``out`` is
+        streamed: one block in memory at a time, written to ``out`` as soon as it is done.
     calibration: see :func:`rom_fast.calibration.calibration_tokens` (text/jsonl file, list of
         strings, token ids, ``"combination"``, ``"wiki"``, ``"c4"``, ``"shakespeare"``).
     budget: fraction of all parameters to keep (default 0.8); or ``recipe="paper-80"`` etc.,
         ``last_k=`` with ``budget=``, or ``ranks=`` (a dict or JSON file of per-layer ranks).
     out: if given, the compressed model is written there (atomically) and can be reloaded with
         :func:`rom_fast.load`. ``merge=True`` writes dense ``W1 W2`` weights instead.
+    return_model: with a streamed directory, ``False`` skips reloading the result (returns None)
+        so memory stays bounded by one block.
     """
     t0 = time.perf_counter()
-    source = model if isinstance(model, (str, Path)) else type(model).__name__
-    model, tok = load_model(model, tokenizer=tokenizer)
+    source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
+    streamed = None
+    if isinstance(model, (str, Path)) and Path(model).is_dir() and out is not None and not merge:
+        streamed = StreamedModel(model)
+        model, tok = streamed.model, tokenizer or _directory_tokenizer(Path(source))
+    else:
+        model, tok = load_model(model, tokenizer=tokenizer)
     model.eval()
     adapter = adapter_for(model)
     plan = resolve_plan(model, adapter, budget, recipe, ranks, last_k)
@@ -112,29 +130,51 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
             bar.n = done
             bar.refresh()
 
-    report = compress_model(model, adapter, calib.input_ids, calib.attention_mask, plan.ranks,
-                            CompressionOptions(centered=centered, batch_size=batch_size),
+    options = CompressionOptions(centered=centered, batch_size=batch_size)
+    command = command or " ".join(shlex.quote(a) for a in sys.argv)
+
+    def finish(report: CompressionReport):
+        if bar is not None:
+            bar.close()
+        after = plans.total_params(model)
+        report.seconds["total"] = time.perf_counter() - t0
+        summary = {
+            "params_before": before, "params_after": after, "ratio": after / before,
+            "seconds": dict(report.seconds), "peak_rss_bytes": peak_rss_bytes(),
+            "calibration": calib.description, "n_tokens": int(calib.attention_mask.sum()),
+            "centered": centered, "streamed": streamed is not None,
+        }
+        metadata = {"plan": plan.to_json(), "summary": summary, "command": command, "source": source,
+                    "layer_energy": {r.name: r.retained_energy for r in report.layers}}
+        card = _model_card(source, plan, calib.description, report, before, after, command)
+        return summary, metadata, card
+
+    if streamed is not None:
+        with atomic_directory(out, overwrite) as tmp:
+            writer = ShardWriter(tmp)
+            report = compress_model(model, adapter, calib.input_ids, calib.attention_mask, plan.ranks, options,
+                                    progress=tick, block_loader=streamed.load_block,
+                                    block_done=lambda i: writer.add(streamed.release_block(i)))
+            last = max((int(n.split(".")[2]) for n in plan.ranks), default=-1)
+            for i in range(last + 1, streamed.n_blocks):   # never loaded: copied straight through
+                writer.add(streamed.raw_block(i))
+            writer.add(streamed.outer_state())
+            writer.finish()
+            summary, metadata, card = finish(report)
+            write_metadata(tmp, model, tok, metadata, card)
+        if not return_model:
+            return None
+        result = load(out)
+        result.rom_fast_summary, result.rom_fast_report = summary, report
+        return result
+
+    report = compress_model(model, adapter, calib.input_ids, calib.attention_mask, plan.ranks, options,
                             progress=tick)
-    if bar is not None:
-        bar.close()
-    after = plans.total_params(model)
-    report.seconds["total"] = time.perf_counter() - t0
-    summary = {
-        "params_before": before, "params_after": after, "ratio": after / before,
-        "seconds": dict(report.seconds), "peak_rss_bytes": peak_rss_bytes(),
-        "calibration": calib.description, "n_tokens": int(calib.attention_mask.sum()),
-        "centered": centered,
-    }
+    summary, metadata, card = finish(report)
     model.rom_fast_summary = summary
     model.rom_fast_report = report
     if merge:
         merge_lowrank(model)
     if out is not None:
-        command = command or " ".join(shlex.quote(a) for a in sys.argv)
-        metadata = {"plan": plan.to_json(), "summary": summary, "command": command,
-                    "source": str(source),
-                    "layer_energy": {r.name: r.retained_energy for r in report.layers}}
-        save_compressed(model, tok, out, metadata,
-                        _model_card(str(source), plan, calib.description, report, before, after, command),
-                        merged=merge, overwrite=overwrite)
+        save_compressed(model, tok, out, metadata, card, merged=merge, overwrite=overwrite)
     return model

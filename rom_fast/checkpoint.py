@@ -9,12 +9,13 @@ Directories are written atomically: built under a temporary name, then renamed i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -81,22 +82,16 @@ def _config_dict(model: nn.Module, extra: dict, merged: bool) -> dict:
     return cfg
 
 
-def save_compressed(model: nn.Module, tokenizer, out, metadata: dict, card: str,
-                    merged: bool = False, overwrite: bool = False) -> Path:
-    """Writes the model, its tokenizer and a model card to ``out``, atomically."""
+@contextlib.contextmanager
+def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary sibling of ``out`` to fill; renames it to ``out`` only on success."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer = None        # GGUF weights are already de-quantized floats
-        model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "config.json").write_text(json.dumps(_config_dict(model, metadata, merged), indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(card)
+        yield tmp
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -107,7 +102,26 @@ def save_compressed(model: nn.Module, tokenizer, out, metadata: dict, card: str,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def write_metadata(directory: Path, model: nn.Module, tokenizer, metadata: dict, card: str,
+                   merged: bool = False) -> None:
+    """config.json (with the factorized layers and plan), tokenizer files and the model card."""
+    (directory / "config.json").write_text(json.dumps(_config_dict(model, metadata, merged), indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    (directory / "README.md").write_text(card)
+
+
+def save_compressed(model: nn.Module, tokenizer, out, metadata: dict, card: str,
+                    merged: bool = False, overwrite: bool = False) -> Path:
+    """Writes an in-memory model, its tokenizer and a model card to ``out``, atomically."""
+    with atomic_directory(out, overwrite) as tmp:
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer = None        # GGUF weights are already de-quantized floats
+        model.save_pretrained(tmp, safe_serialization=True)
+        write_metadata(tmp, model, tokenizer, metadata, card, merged)
+    return Path(out)
 
 
 def load(path, dtype: torch.dtype = torch.float32, with_tokenizer: bool = False):

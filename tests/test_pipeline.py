@@ -208,3 +208,23 @@ def test_cli_help_lists_every_option(capsys):
     for opt in ("--calibration", "--budget", "--recipe", "--ranks", "--last-k", "--out", "--merge",
                 "--n-samples", "--seq-len", "--seed", "--centered", "--overwrite"):
         assert opt in text
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_streamed_directory_equals_in_memory(tmp_path, kind):
+    model = tiny_model(kind)
+    src = tmp_path / "dense"
+    model.save_pretrained(src, max_shard_size="100KB")      # several shards
+    assert len(list(src.glob("*.safetensors"))) > 1
+    ids, mask = calibration()
+    ranks = {f"model.layers.1.{n}": 10 for n in LINEARS}    # block 0 dense before, block 2 after
+    kw = dict(calibration={"input_ids": ids, "attention_mask": mask}, ranks=ranks,
+              n_samples=ids.shape[0], seq_len=ids.shape[1], progress=False)
+    in_memory = rom_fast.compress(copy.deepcopy(model), **kw)
+    streamed = rom_fast.compress(src, out=tmp_path / "rom", **kw)
+    assert streamed.rom_fast_summary["streamed"]
+    test_ids = torch.randint(0, 211, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(test_ids).logits, in_memory(test_ids).logits, atol=1e-5, rtol=1e-5)
+    assert plans.total_params(streamed) == plans.total_params(in_memory)
+    assert rom_fast.compress(src, out=tmp_path / "rom2", return_model=False, **kw) is None
