@@ -36,9 +36,10 @@ void top_eigenpairs_inplace(double* work, index_t d, index_t r, double* values, 
   const blas_int n = to_blas(d, "d");
   blas_int info = 0;
   if (method == EigenMethod::Auto) {
-    // MRRR computes only the wanted vectors and back-transforms d x r instead of d x d; the
-    // tridiagonal reduction both share dominates once r approaches d (measured: bench/).
-    method = (r * 10 <= d * 9) ? EigenMethod::Syevr : EigenMethod::Syevd;
+    // MRRR computes only the wanted vectors, but divide and conquer's blocked back-transform
+    // is so much faster per vector that syevd wins beyond r ~ d/5 (bench/README.md: syevr is
+    // 1.4-1.7x faster at r = d/10 and 1.25-1.3x slower at r = 0.3 d, for d = 576..4096).
+    method = (r * 5 <= d) ? EigenMethod::Syevr : EigenMethod::Syevd;
   }
   if (method == EigenMethod::Syevd) {
     std::vector<double> w(static_cast<std::size_t>(d));

@@ -1,6 +1,7 @@
 #include "rom_fast/gram.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #ifdef _OPENMP
@@ -21,7 +22,7 @@ namespace {
 // Rows widened per dsyrk call for float32 input: large enough for dsyrk to run at its
 // GEMM-like rate, small enough that the float64 copy stays in a few MB of cache-friendly
 // memory. The token split does not change the result beyond float64 rounding.
-index_t staging_rows(index_t dim) { return std::max<index_t>(256, (index_t{1} << 21) / dim); }
+index_t staging_rows(index_t dim) { return std::max<index_t>(1024, (index_t{1} << 22) / dim); }
 
 }  // namespace
 
@@ -31,15 +32,15 @@ GramAccumulator::GramAccumulator(index_t dim) : dim_(dim) {
   colsum_.assign(static_cast<std::size_t>(dim), 0.0);
 }
 
-void GramAccumulator::accumulate_f64(const double* x, index_t n, index_t ld) {
-  // Row-major X (n x d) is column-major X^T (d x n): X^T X = (X^T)(X^T)^T = syrk('N').
-  const blas_int bn = to_blas(dim_, "dim"), bk = to_blas(n, "rows"), blda = to_blas(ld, "ld");
-  const double one = 1.0;
-  dsyrk_f("U", "N", &bn, &bk, &one, x, &blda, &one, upper_.data(), &bn, 1, 1);
-  // Column sums: each thread owns a contiguous range of columns and walks the rows in order,
-  // so every column is summed in token order whatever the thread count or chunking.
+// One pass over the chunk: checks finiteness and forms its column sums (each thread owns a
+// contiguous range of columns and walks the rows in token order, so the sums do not depend on
+// the thread count). Nothing is committed when a value is not finite.
+template <class T>
+void GramAccumulator::scan_chunk(const T* x, index_t n, std::vector<double>& sums) const {
   const index_t d = dim_;
-  double* sums = colsum_.data();
+  sums.assign(static_cast<std::size_t>(d), 0.0);
+  double* out = sums.data();
+  detail::ParallelErrors errors;
 #pragma omp parallel
   {
     index_t lo = 0, hi = d;
@@ -48,26 +49,46 @@ void GramAccumulator::accumulate_f64(const double* x, index_t n, index_t ld) {
     lo = d * t / nt;
     hi = d * (t + 1) / nt;
 #endif
-    for (index_t i = 0; i < n; ++i) {
-      const double* row = x + i * ld;
-      for (index_t j = lo; j < hi; ++j) sums[j] += row[j];
-    }
+    errors.run([&] {
+      for (index_t i = 0; i < n; ++i) {
+        const T* row = x + i * d;
+        for (index_t j = lo; j < hi; ++j) out[j] += static_cast<double>(row[j]);
+      }
+      // A NaN or infinity anywhere in a column makes its sum non-finite; then find it.
+      for (index_t j = lo; j < hi; ++j) {
+        if (!std::isfinite(out[j])) detail::require_finite(x, n, d, d, "x");
+      }
+    });
   }
+  errors.rethrow();
+}
+
+void GramAccumulator::commit(const std::vector<double>& sums, index_t n) {
+  for (index_t j = 0; j < dim_; ++j) colsum_[j] += sums[j];
   count_ += n;
+}
+
+void GramAccumulator::accumulate_f64(const double* x, index_t n, index_t ld) {
+  // Row-major X (n x d) is column-major X^T (d x n): X^T X = (X^T)(X^T)^T = syrk('N').
+  const blas_int bn = to_blas(dim_, "dim"), bk = to_blas(n, "rows"), blda = to_blas(ld, "ld");
+  const double one = 1.0;
+  dsyrk_f("U", "N", &bn, &bk, &one, x, &blda, &one, upper_.data(), &bn, 1, 1);
 }
 
 void GramAccumulator::update(const double* x, index_t n) {
   require(n >= 0, "GramAccumulator.update: negative row count");
   if (n == 0) return;
-  // Validate everything first so a rejected chunk leaves the statistics untouched.
-  detail::require_finite(x, n, dim_, dim_, "x");
+  std::vector<double> sums;
+  scan_chunk(x, n, sums);  // throws before anything is modified
   accumulate_f64(x, n, dim_);
+  commit(sums, n);
 }
 
 void GramAccumulator::update(const float* x, index_t n) {
   require(n >= 0, "GramAccumulator.update: negative row count");
   if (n == 0) return;
-  detail::require_finite(x, n, dim_, dim_, "x");
+  std::vector<double> sums;
+  scan_chunk(x, n, sums);
   const index_t block = std::min(n, staging_rows(dim_));
   staging_.resize(static_cast<std::size_t>(block * dim_));
   for (index_t start = 0; start < n; start += block) {
@@ -79,6 +100,7 @@ void GramAccumulator::update(const float* x, index_t n) {
     for (index_t i = 0; i < total; ++i) dst[i] = static_cast<double>(src[i]);
     accumulate_f64(dst, rows, dim_);
   }
+  commit(sums, n);
 }
 
 void GramAccumulator::merge(const GramAccumulator& other) {

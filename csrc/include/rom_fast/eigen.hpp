@@ -8,7 +8,7 @@
 namespace rom_fast {
 
 enum class EigenMethod {
-  Auto,   ///< syevr (subset) when r is a small part of d, else syevd; chosen by measured cost
+  Auto,   ///< syevr when r <= d/5, else syevd (the measured crossover, bench/README.md)
   Syevd,  ///< divide and conquer, all eigenpairs
   Syevr,  ///< MRRR, only the requested r eigenpairs
 };

@@ -46,6 +46,9 @@ class GramAccumulator {
   void centered_gram(double* out) const;
 
  private:
+  template <class T>
+  void scan_chunk(const T* x, index_t n, std::vector<double>& sums) const;
+  void commit(const std::vector<double>& sums, index_t n);
   void accumulate_f64(const double* x, index_t n, index_t ld);
 
   index_t dim_;
