@@ -56,12 +56,17 @@ class CalibrationBatch:
 
 
 def default_data_dir() -> pathlib.Path:
-    """``$ROM_FAST_DATA`` if set, else ``<repo root>/../shared/data`` (repo root = parent of
-    the ``rom_fast`` package directory)."""
+    """``$ROM_FAST_DATA`` if set; else ``../shared/data`` beside the source tree (editable
+    installs); else ``../shared/data`` relative to the working directory (an installed package
+    run from the project root)."""
     env = os.environ.get("ROM_FAST_DATA")
     if env:
         return pathlib.Path(env).expanduser()
-    return pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    beside_source = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    if beside_source.is_dir():
+        return beside_source
+    from_cwd = pathlib.Path.cwd().parent / "shared" / "data"
+    return from_cwd if from_cwd.is_dir() else beside_source
 
 
 def calibration_tokens(

@@ -174,15 +174,9 @@ class MCItem:
 
 
 def default_data_dir() -> str:
-    """``$ROM_FAST_DATA`` if set, else ``<repo root>/../shared/data``.
-
-    The repo root is the parent of the ``rom_fast`` package directory.
-    """
-    env = os.environ.get("ROM_FAST_DATA")
-    if env:
-        return env
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.normpath(os.path.join(repo_root, "..", "shared", "data"))
+    """The data directory of :func:`rom_fast.calibration.default_data_dir`, as a string."""
+    from rom_fast.calibration import default_data_dir as data_dir
+    return str(data_dir())
 
 
 def _data_file(data_dir: str | None, relpath: str) -> str:
