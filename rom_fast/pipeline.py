@@ -146,6 +146,16 @@ class BlockCompressor:
         self.report.layers.append(LayerRecord(prefix + name, lin.out_features, lin.in_features,
                                               f.rank, float(energy), route))
 
+    def _normed_input_gram(self, norm, hiddens, token_masks) -> kernels.GramAccumulator:
+        """Gram of norm(h) over the real tokens: the input shared by q/k/v, or by gate/up."""
+        acc = kernels.GramAccumulator(hiddens[0].shape[-1])
+        for h, m in zip(hiddens, token_masks):
+            with self.timer("forward"):
+                x = _rows(norm(h), m)
+            with self.timer("statistics"):
+                acc.update(x)
+        return acc
+
     # -- the block --------------------------------------------------------------------------
     @torch.inference_mode()
     def compress(self, block: nn.Module, prefix: str, hiddens: List[torch.Tensor], kwargs_list,
@@ -158,7 +168,6 @@ class BlockCompressor:
         attn = block.get_submodule(a.attention)
         mlp = block.get_submodule(a.mlp)
         stages = a.stages
-        hidden_dim = hiddens[0].shape[-1]
 
         def attention(h, kw):
             return attn(hidden_states=norm1(h), position_embeddings=kw.get("position_embeddings"),
@@ -166,12 +175,7 @@ class BlockCompressor:
 
         # 1. q/k/v from the attention input.
         if any(n in ranks for n in stages[0].linears):
-            acc = kernels.GramAccumulator(hidden_dim)
-            for h, m in zip(hiddens, token_masks):
-                with self.timer("forward"):
-                    x = _rows(norm1(h), m)
-                with self.timer("statistics"):
-                    acc.update(x)
+            acc = self._normed_input_gram(norm1, hiddens, token_masks)
             self._factorize_input_stage(block, prefix, stages[0].linears, ranks, acc)
 
         # 2. o_proj from the attention output (computed once, with q/k/v compressed).
@@ -192,12 +196,7 @@ class BlockCompressor:
 
         # 3. gate/up from the MLP input.
         if any(n in ranks for n in stages[2].linears):
-            acc = kernels.GramAccumulator(hidden_dim)
-            for h, m in zip(hiddens, token_masks):
-                with self.timer("forward"):
-                    x = _rows(norm2(h), m)
-                with self.timer("statistics"):
-                    acc.update(x)
+            acc = self._normed_input_gram(norm2, hiddens, token_masks)
             self._factorize_input_stage(block, prefix, stages[2].linears, ranks, acc)
 
         # 4. down_proj from the MLP hidden activations (gate/up compressed).
