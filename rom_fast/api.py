@@ -15,15 +15,12 @@ from torch import nn
 
 from rom_fast import plans
 from rom_fast.adapters import adapter_for
-from rom_fast.calibration import calibration_tokens
+from rom_fast.calibration import calibration_tokens, default_calibration, default_data_dir
 from rom_fast.checkpoint import atomic_directory, load, save_compressed, write_metadata
 from rom_fast.lowrank import merge_lowrank
 from rom_fast.models import load_model
 from rom_fast.pipeline import CompressionOptions, CompressionReport, compress_model
 from rom_fast.streaming import ShardWriter, StreamedModel
-
-DEFAULT_CALIBRATION = "wiki"
-
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
@@ -95,7 +92,9 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
         ``"smollm2"`` (the embedded SmolLM2-135M-Instruct). A directory compressed to ``out`` is
         streamed: one block in memory at a time, written to ``out`` as soon as it is done.
     calibration: see :func:`rom_fast.calibration.calibration_tokens` (text/jsonl file, list of
-        strings, token ids, ``"combination"``, ``"wiki"``, ``"c4"``, ``"shakespeare"``).
+        strings, token ids, ``"combination"``, ``"wiki"``, ``"c4"``, ``"shakespeare"``,
+        ``"generated"``). Default: ``"wiki"`` when the local data is present, else
+        ``"generated"`` (data-free: sampled from the model).
     budget: fraction of all parameters to keep (default 0.8); or ``recipe="paper-80"`` etc.,
         ``last_k=`` with ``budget=``, or ``ranks=`` (a dict or JSON file of per-layer ranks).
     out: if given, the compressed model is written there (atomically) and can be reloaded with
@@ -114,10 +113,16 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
     model.eval()
     adapter = adapter_for(model)
     plan = resolve_plan(model, adapter, budget, recipe, ranks, last_k)
-    calibration = DEFAULT_CALIBRATION if calibration is None else calibration
+    if calibration is None:
+        calibration = default_calibration()
+        if calibration == "generated":
+            print("rom_fast: no calibration data given and none found under "
+                  f"{default_data_dir()}; sampling calibration text from the model itself",
+                  file=sys.stderr)
     if tok is None and not isinstance(calibration, (torch.Tensor, dict, tuple)):
         raise ValueError("a tokenizer is needed to tokenize the calibration data: pass tokenizer=")
-    calib = calibration_tokens(calibration, tok, n_samples=n_samples, seq_len=seq_len, seed=seed)
+    calib = calibration_tokens(calibration, tok, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                               model=model)
     before = plans.total_params(model)
     bar = None
     if progress:

@@ -69,8 +69,15 @@ def default_data_dir() -> pathlib.Path:
     return from_cwd if from_cwd.is_dir() else beside_source
 
 
+def default_calibration() -> str:
+    """``"wiki"`` when the local Wikipedia text is present, else ``"generated"`` (data-free)."""
+    return "wiki" if (default_data_dir() / "calibration_text" / NAMED_TEXTS["wiki"]).is_file() \
+        else "generated"
+
+
 def calibration_tokens(
-    source, tokenizer, n_samples: int = 512, seq_len: int = 128, seed: int | None = 0
+    source, tokenizer, n_samples: int = 512, seq_len: int = 128, seed: int | None = 0,
+    model=None,
 ) -> CalibrationBatch:
     """Build an (n_samples, seq_len) calibration batch from ``source``.
 
@@ -87,6 +94,8 @@ def calibration_tokens(
         - ``"wiki"``, ``"c4"``, ``"shakespeare"``: the text files of
           ``<data_dir>/calibration_text/`` (see :data:`NAMED_TEXTS`), text-file rule.
         - ``"combination"``: the paper's task mix, see :func:`_combination_batch`.
+        - ``"generated"``: data-free, sequences sampled from ``model`` itself, see
+          :func:`generated_tokens`.
         - a LongTensor (n, s) of token ids, a dict / tuple ``(input_ids, attention_mask)`` or a
           CalibrationBatch:
           used as is: rows past n_samples are dropped, a batch with fewer rows is kept
@@ -110,6 +119,7 @@ def calibration_tokens(
         n_samples: number of rows, >= 1.
         seq_len: tokens per row, >= 2.
         seed: int for a seeded random draw, None for "the first ones in order".
+        model: only for ``"generated"``.
 
     Returns:
         CalibrationBatch with LongTensors (n, seq_len).
@@ -135,6 +145,10 @@ def calibration_tokens(
             _check_documents(source, "source list"), "list of strings",
             tokenizer, n_samples, seq_len, seed,
         )
+    if isinstance(source, str) and source == "generated":
+        if model is None:
+            raise ValueError("calibration 'generated' samples from the model: pass model=")
+        return generated_tokens(model, tokenizer, n_samples, seq_len, seed)
     if isinstance(source, str) and source == "combination":
         return _combination_batch(tokenizer, n_samples, seq_len, seed)
     if isinstance(source, str) and source in NAMED_TEXTS:
@@ -413,6 +427,58 @@ def _dataset_batch(name, tokenizer, n_samples, seq_len, seed) -> CalibrationBatc
     texts = load_dataset(name, split="train")["text"]  # pragma: no cover
     docs = _check_documents(list(texts), f"dataset {name!r}")  # pragma: no cover
     return _documents_batch(docs, name, tokenizer, n_samples, seq_len, seed)  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------- data-free
+
+
+def generated_tokens(model, tokenizer, n_samples: int = 512, seq_len: int = 128,
+                     seed: int | None = 0, batch_size: int = 64) -> CalibrationBatch:
+    """Data-free calibration: token sequences sampled from the model itself.
+
+    Each row starts with BOS (when the tokenizer has one) and one token drawn uniformly from
+    the ordinary vocabulary, then continues by sampling the model's own next-token
+    distribution (temperature 1, no truncation) with end-of-sequence suppressed, so every row
+    has exactly ``seq_len`` real tokens (the LLM-QAT recipe for data-free statistics). Used
+    when no calibration data is available; real text calibrates better (see README).
+
+    Deterministic for a given ``seed`` (None means 0) on a given machine: the sampling runs
+    under a forked, seeded torch RNG. Needs a model with real weights in memory.
+    """
+    _check_int("n_samples", n_samples, 1)
+    _check_int("seq_len", seq_len, 2)
+    _check_int("batch_size", batch_size, 1)
+    if tokenizer is None:
+        raise ValueError("generated calibration needs the model's tokenizer")
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise ValueError("generated calibration needs the model's weights in memory "
+                         "(a model streamed from a directory has none): pass calibration data")
+    special = set(tokenizer.all_special_ids)
+    ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in special
+                             and i < model.config.vocab_size])
+    bos = tokenizer.bos_token_id
+    prefix = 2 if bos is not None else 1
+    seed = 0 if seed is None else seed
+    rows = []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for start in range(0, n_samples, batch_size):
+            b = min(batch_size, n_samples - start)
+            first = ordinary[torch.randint(len(ordinary), (b, 1))]
+            ids = first if bos is None else torch.cat([torch.full((b, 1), bos), first], dim=1)
+            if seq_len > prefix:
+                ids = model.generate(
+                    ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                    top_k=0, top_p=1.0, max_new_tokens=seq_len - prefix,
+                    min_new_tokens=seq_len - prefix, pad_token_id=_pad_id(tokenizer))
+            rows.append(ids[:, :seq_len])
+    input_ids = torch.cat(rows).long()
+    return CalibrationBatch(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        description=f"generated: {n_samples} sequences of {seq_len} tokens sampled from the "
+                    f"model (seed {seed})",
+    )
 
 
 # ----------------------------------------------------------------------------- tensors

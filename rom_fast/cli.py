@@ -23,7 +23,8 @@ def _add_compress(sub) -> None:
     p.add_argument("--calibration", default=None,
                    help="calibration data: a text/.jsonl/.json file, 'wiki', 'c4', 'shakespeare' (the files under "
                         "../shared/data/calibration_text), 'combination' (the paper's task mix from the train splits), "
-                        "or a Hugging Face dataset name when online (default: wiki)")
+                        "'generated' (data-free: sampled from the model), or a Hugging Face dataset name when online "
+                        "(default: wiki when ../shared/data is present, else generated)")
     plan = p.add_mutually_exclusive_group()
     plan.add_argument("--recipe", choices=["paper-90", "paper-80", "paper-50"],
                       help="the paper's recipe (last k of 32 blocks scaled to the model's depth)")

@@ -20,7 +20,10 @@ from tokenizers import pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rom_fast import calibration, models
-from rom_fast.calibration import CalibrationBatch, calibration_tokens, default_data_dir
+from rom_fast.calibration import (
+    NAMED_TEXTS, CalibrationBatch, calibration_tokens, default_calibration, default_data_dir,
+    generated_tokens,
+)
 from rom_fast.models import load_model, smollm2_gguf_path
 
 
@@ -369,6 +372,42 @@ def test_named_corpus_missing_data_dir(tmp_path, monkeypatch, word_tok):
         calibration_tokens("wiki", word_tok)
     with pytest.raises(FileNotFoundError, match="ROM_FAST_DATA"):
         calibration_tokens("combination", word_tok)
+
+
+def test_generated_calibration_is_seeded_full_length_and_from_the_vocab(word_tok):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_tiny_config(vocab_size=N_WORDS + 3)).eval()
+    a = calibration_tokens("generated", word_tok, n_samples=5, seq_len=9, seed=3, model=model)
+    b = calibration_tokens("generated", word_tok, n_samples=5, seq_len=9, seed=3, model=model)
+    c = calibration_tokens("generated", word_tok, n_samples=5, seq_len=9, seed=4, model=model)
+    assert a.input_ids.shape == (5, 9) and bool(a.attention_mask.all())
+    assert torch.equal(a.input_ids, b.input_ids) and not torch.equal(a.input_ids, c.input_ids)
+    # The first token is an ordinary word (the tokenizer has no BOS); EOS is suppressed.
+    assert bool((a.input_ids[:, 0] >= 3).all()) and not bool((a.input_ids == EOS).any())
+    assert bool((a.input_ids < N_WORDS + 3).all())
+    state = torch.random.get_rng_state()
+    generated_tokens(model, word_tok, n_samples=3, seq_len=4, seed=1, batch_size=2)
+    assert torch.equal(state, torch.random.get_rng_state())      # the caller's RNG is untouched
+
+
+def test_generated_calibration_errors(word_tok):
+    model = LlamaForCausalLM(_tiny_config(vocab_size=N_WORDS + 3)).eval()
+    with pytest.raises(ValueError, match="pass model="):
+        calibration_tokens("generated", word_tok)
+    with pytest.raises(ValueError, match="tokenizer"):
+        generated_tokens(model, None)
+    with torch.device("meta"):
+        empty = LlamaForCausalLM(_tiny_config(vocab_size=N_WORDS + 3))
+    with pytest.raises(ValueError, match="weights in memory"):
+        generated_tokens(empty, word_tok)
+
+
+def test_default_calibration_falls_back_to_generated(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROM_FAST_DATA", str(tmp_path))
+    assert default_calibration() == "generated"
+    (tmp_path / "calibration_text").mkdir()
+    (tmp_path / "calibration_text" / NAMED_TEXTS["wiki"]).write_text("w1 w2")
+    assert default_calibration() == "wiki"
 
 
 def _fake_llm_adapters(root: pathlib.Path) -> None:
