@@ -21,6 +21,21 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _status_bytes(field: str) -> int:
+    """A VmRSS/VmHWM line of /proc/self/status, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    """Resets VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def run_one(method: str, n_samples: int, seq_len: int, recipe: str, windows: int) -> dict:
     import torch
 
@@ -36,7 +51,9 @@ def run_one(method: str, n_samples: int, seq_len: int, recipe: str, windows: int
     plan = plans.paper_recipe(model, adapter_for(model), recipe) if recipe.startswith("paper") else \
         plans.last_k_plan(model, adapter_for(model), 0.8, int(recipe.split("-")[1]))
     calib = calibration_tokens("wiki", tok, n_samples=n_samples, seq_len=seq_len, seed=0)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_before = _status_bytes("VmRSS")
+    _reset_peak_rss()      # from here VmHWM is the peak of the compression itself
     t0 = time.perf_counter()
     if method == "rom_fast":
         out = rom_fast.compress(model, calibration={"input_ids": calib.input_ids,
@@ -50,10 +67,12 @@ def run_one(method: str, n_samples: int, seq_len: int, recipe: str, windows: int
         out = out.float()
         stages = {}
     seconds = time.perf_counter() - t0
+    compress_peak = _status_bytes("VmHWM")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     ppl = wikitext2_perplexity(out, tok, window=512, max_windows=windows)["perplexity"]
     return {"method": method, "seconds": seconds, "stages": stages, "peak_rss_bytes": peak,
-            "rss_after_load_bytes": rss_before, "perplexity": ppl, "plan": plan.description,
+            "load_peak_rss_bytes": load_peak, "rss_before_compress_bytes": rss_before,
+            "compress_peak_rss_bytes": compress_peak, "perplexity": ppl, "plan": plan.description,
             "ratio": plan.details["ratio"]}
 
 
@@ -77,10 +96,13 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
-    print("\n| method | wall (s) | peak RSS (GiB) | WikiText-2 ppl |")
-    print("|---|---|---|---|")
+    print("\n| method | wall (s) | process peak RSS (GiB) | RSS before compress (GiB) | peak during compress (GiB) "
+          "| WikiText-2 ppl |")
+    print("|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['method']} | {r['seconds']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['perplexity']:.2f} |")
+        print(f"| {r['method']} | {r['seconds']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} "
+              f"| {r['rss_before_compress_bytes'] / 2**30:.2f} | {r['compress_peak_rss_bytes'] / 2**30:.2f} "
+              f"| {r['perplexity']:.2f} |")
     if len(results) == 2:
         a_, b_ = results
         print(f"\nspeed-up {b_['seconds'] / a_['seconds']:.1f}x, perplexity difference "

@@ -27,8 +27,6 @@ def as_array(x, name: str):
                 f"{name} must have dtype float32 or float64, got {x.dtype} (convert it explicitly)"
             )
         return x.detach().numpy()
-    if x is None:
-        return None
     raise TypeError(f"{name} must be a numpy array or torch CPU tensor, got {type(x).__name__}")
 
 

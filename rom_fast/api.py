@@ -35,15 +35,7 @@ def resolve_plan(model: nn.Module, adapter, budget: Optional[float] = None,
         raise ValueError("give at most one of recipe= and ranks=")
     if ranks is not None:
         if isinstance(ranks, dict):
-            shapes = plans.layer_shapes(model, adapter)
-            bad = [n for n in ranks if n not in shapes]
-            if bad:
-                raise ValueError(f"ranks names layers this model does not have: {bad[:5]}")
-            total = plans.total_params(model)
-            kept = plans.kept_params(total, shapes, ranks)
-            return plans.RankPlan(dict(ranks), "explicit ranks",
-                                  {"kind": "explicit", "kept_params": kept, "total_params": total,
-                                   "ratio": kept / total})
+            return plans.explicit_plan(model, adapter, ranks)
         return plans.ranks_from_file(model, adapter, ranks)
     if recipe is not None:
         return plans.paper_recipe(model, adapter, recipe)

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Dict, Iterator
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from rom_fast.lowrank import LowRankLinear, apply_structure
 
 FORMAT_VERSION = 1
 _BASES = {}   # base model_type -> registered rom_fast model_type
+_MODEL_CLASSES: Dict[str, type] = {}   # registered model_type -> its causal-LM class
 
 
 def _register(base_type: str) -> str:
@@ -49,6 +50,7 @@ def _register(base_type: str) -> str:
     AutoConfig.register(name, cfg_cls, exist_ok=True)
     AutoModelForCausalLM.register(cfg_cls, model_cls, exist_ok=True)
     _BASES[base_type] = name
+    _MODEL_CLASSES[name] = model_cls
     return name
 
 
@@ -76,7 +78,7 @@ def _config_dict(model: nn.Module, extra: dict, merged: bool) -> dict:
         cfg["rom_fast_merged"] = section
     else:
         cfg["model_type"] = _register(base_type)
-        cfg["architectures"] = [AutoModelForCausalLM._model_mapping[type(AutoConfig.for_model(cfg["model_type"]))].__name__]
+        cfg["architectures"] = [_MODEL_CLASSES[cfg["model_type"]].__name__]
         section["layers"] = factorized_layers(model)
         cfg["rom_fast"] = section
     return cfg

@@ -133,24 +133,31 @@ def recipe_for_budget(model: nn.Module, adapter: ModelAdapter, ratio: float) -> 
                        label=f"paper recipe at {ratio:.0%}: last {k} of {n_blocks} blocks")
 
 
+def explicit_plan(model: nn.Module, adapter: ModelAdapter, ranks: Dict[str, int],
+                  source: str = "explicit ranks") -> RankPlan:
+    """Checks user-given ranks ``{module name: rank}``: known layers, positive integers, and
+    never more parameters than the dense layer. ``source`` prefixes the error messages."""
+    shapes = layer_shapes(model, adapter)
+    plan = {}
+    for name, r in ranks.items():
+        if name not in shapes:
+            raise ValueError(f"{source}: {name!r} is not a compressible linear of this model")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"{source}: rank of {name} must be a positive integer, got {r!r}")
+        d_out, d_in = shapes[name]
+        if not saves_parameters(d_out, d_in, r):
+            raise ValueError(f"{source}: rank {r} for {name} ({d_out}x{d_in}) would not save parameters")
+        plan[name] = r
+    total = total_params(model)
+    kept = kept_params(total, shapes, plan)
+    return RankPlan(plan, source, {"kind": "explicit", "kept_params": kept, "total_params": total,
+                                   "ratio": kept / total})
+
+
 def ranks_from_file(model: nn.Module, adapter: ModelAdapter, path: Union[str, Path]) -> RankPlan:
     """Explicit ranks: a JSON object ``{module name: rank}`` (or ``{"ranks": {...}}``)."""
     data = json.loads(Path(path).read_text())
     ranks = data.get("ranks", data) if isinstance(data, dict) else None
     if not isinstance(ranks, dict):
         raise ValueError(f"{path}: expected a JSON object mapping module names to ranks")
-    shapes = layer_shapes(model, adapter)
-    plan = {}
-    for name, r in ranks.items():
-        if name not in shapes:
-            raise ValueError(f"{path}: {name!r} is not a compressible linear of this model")
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"{path}: rank of {name} must be a positive integer, got {r!r}")
-        d_out, d_in = shapes[name]
-        if not saves_parameters(d_out, d_in, r):
-            raise ValueError(f"{path}: rank {r} for {name} ({d_out}x{d_in}) would not save parameters")
-        plan[name] = r
-    total = total_params(model)
-    kept = kept_params(total, shapes, plan)
-    return RankPlan(plan, f"explicit ranks from {Path(path).name}",
-                    {"kind": "file", "kept_params": kept, "total_params": total, "ratio": kept / total})
+    return explicit_plan(model, adapter, ranks, f"explicit ranks from {Path(path).name}")
