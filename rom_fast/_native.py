@@ -12,6 +12,11 @@ import os
 
 
 def _preload_openblas() -> None:
+    # OpenBLAS worker threads busy-wait 2^28 cycles (~0.1 s) after each call before sleeping.
+    # rom_fast alternates BLAS calls with torch forwards on the same cores, so that spinning
+    # stole a core from every forward: 2^4 cycles made SmolLM2 compression 29% faster
+    # (bench/README.md). Read once, when the library loads; a user's setting wins.
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     try:
         import scipy_openblas32
     except ImportError as exc:  # pragma: no cover - a broken install

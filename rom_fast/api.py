@@ -73,7 +73,7 @@ def _directory_tokenizer(path: Path):
 def compress(model, calibration=None, budget: Optional[float] = None, *, recipe: Optional[str] = None,
              ranks=None, last_k: Optional[int] = None, out=None, tokenizer=None,
              n_samples: int = 512, seq_len: int = 128, seed: Optional[int] = 0,
-             centered: bool = False, batch_size: int = 16, merge: bool = False,
+             centered: bool = False, batch_size: int = 8, merge: bool = False,
              overwrite: bool = False, progress: bool = True, command: Optional[str] = None,
              return_model: bool = True):
     """Compresses a LLaMA-family model by reduced order modelling and returns it.

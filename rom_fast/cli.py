@@ -43,7 +43,7 @@ def _add_compress(sub) -> None:
     p.add_argument("--centered", action="store_true",
                    help="centred covariance with an exact bias correction (the paper's code) instead of the "
                         "uncentred second moment (the optimal linear fit)")
-    p.add_argument("--batch-size", type=int, default=16, help="calibration sequences per forward pass")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass (smaller: less memory)")
     p.add_argument("--eval-windows", type=int, default=40,
                    help="WikiText-2 perplexity before/after on this many 512-token windows (0: skip)")
 

@@ -12,6 +12,7 @@ import pytest
 import scipy.linalg
 import torch
 import transformers
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 import rom_fast
@@ -228,3 +229,54 @@ def test_streamed_directory_equals_in_memory(tmp_path, kind):
         torch.testing.assert_close(streamed(test_ids).logits, in_memory(test_ids).logits, atol=1e-5, rtol=1e-5)
     assert plans.total_params(streamed) == plans.total_params(in_memory)
     assert rom_fast.compress(src, out=tmp_path / "rom2", return_model=False, **kw) is None
+
+
+def test_svd_baseline_is_the_eckart_young_fit_of_w():
+    from rom_fast.baselines import svd_compress
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 9, bias=True).double()
+    model = nn.Sequential(lin)
+    w = lin.weight.detach().numpy().copy()
+    b = lin.bias.detach().numpy().copy()
+    svd_compress(model, {"0": 4})
+    x = torch.randn(5, 12, dtype=torch.float64)
+    w_r = model[0].expand.weight.detach().numpy() @ model[0].reduce.weight.detach().numpy()
+    s = np.linalg.svd(w, compute_uv=False)
+    assert np.linalg.norm(w - w_r) == pytest.approx(np.sqrt((s[4:] ** 2).sum()), rel=1e-10)
+    np.testing.assert_allclose(model(x).detach().numpy(), x.numpy() @ w_r.T + b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="not a dense"):
+        svd_compress(model, {"0": 2})
+    with pytest.raises(ValueError, match="rank of 0"):
+        svd_compress(nn.Sequential(nn.Linear(3, 3)), {"0": 4})
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_block_outputs_reuse_the_dense_down_outputs_exactly(centered):
+    """The block's outputs are finished from y = down(act) (no second gate/up pass); they must
+    equal a plain forward of the compressed block, biases and centring included."""
+    from rom_fast.pipeline import (BlockCompressor, CompressionOptions, CompressionReport, _Timer,
+                                   capture_block_inputs)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**TINY, mlp_bias=True, attention_bias=True)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.Linear) and mod.bias is not None:
+                mod.bias.normal_(0, 0.5)
+    adapter = adapter_for(model)
+    ids, mask = calibration()
+    hiddens, kwargs_list = capture_block_inputs(model, adapter, ids, mask, batch_size=8)
+    inputs = [h.clone() for h in hiddens]
+    report = CompressionReport()
+    compressor = BlockCompressor(adapter, CompressionOptions(centered=centered, batch_size=8), report,
+                                 _Timer(report.seconds))
+    block = adapter.blocks()[0]
+    ranks = {n: 12 for n in LINEARS}
+    out = compressor.compress(block, "model.layers.0.", hiddens, kwargs_list,
+                              [m.bool() for m in mask.split(8)], ranks)
+    assert [r.route for r in report.layers][-1] == "output-gram"
+    with torch.inference_mode():
+        for h, kw, o in zip(inputs, kwargs_list, out):
+            ref = block(h, **kw)
+            ref = ref[0] if isinstance(ref, tuple) else ref
+            torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
