@@ -8,12 +8,12 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import nn
 
-from rom_fast import plans
+from rom_fast import planner, plans
 from rom_fast.adapters import adapter_for
 from rom_fast.calibration import calibration_tokens, default_calibration, default_data_dir
 from rom_fast.checkpoint import atomic_directory, load, save_compressed, write_metadata
@@ -28,8 +28,15 @@ def peak_rss_bytes() -> int:
 
 def resolve_plan(model: nn.Module, adapter, budget: Optional[float] = None,
                  recipe: Optional[str] = None, ranks: Union[None, str, Path, Dict[str, int]] = None,
-                 last_k: Optional[int] = None) -> plans.RankPlan:
-    """One plan from the user's options: explicit ranks > named recipe > last_k > budget."""
+                 last_k: Optional[int] = None, spectra: Optional[Callable[[], dict]] = None,
+                 weighting: str = "fisher") -> plans.RankPlan:
+    """One plan from the user's options: explicit ranks > named recipe > last_k > budget.
+
+    ``budget`` alone uses the rank planner (:mod:`rom_fast.planner`) with ``spectra()``, which
+    collects the dense model's spectra; without it (a streamed model has no weights in memory
+    for a backward pass) the paper's recipe at that budget is used. ``recipe="paper"`` asks for
+    that recipe explicitly; ``"paper-90|80|50"`` for the paper's own settings.
+    """
     chosen = [x is not None for x in (recipe, ranks)]
     if sum(chosen) > 1:
         raise ValueError("give at most one of recipe= and ranks=")
@@ -37,13 +44,15 @@ def resolve_plan(model: nn.Module, adapter, budget: Optional[float] = None,
         if isinstance(ranks, dict):
             return plans.explicit_plan(model, adapter, ranks)
         return plans.ranks_from_file(model, adapter, ranks)
-    if recipe is not None:
+    if recipe is not None and recipe != "paper":
         return plans.paper_recipe(model, adapter, recipe)
     if budget is None:
         budget = 0.8
     if last_k is not None:
         return plans.last_k_plan(model, adapter, budget, last_k)
-    return plans.recipe_for_budget(model, adapter, budget)
+    if recipe == "paper" or spectra is None:
+        return plans.recipe_for_budget(model, adapter, budget)
+    return planner.planned(model, adapter, budget, spectra(), weighting)
 
 
 def _model_card(source: str, plan: plans.RankPlan, calibration: str, report: CompressionReport,
@@ -75,7 +84,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
              n_samples: int = 512, seq_len: int = 128, seed: Optional[int] = 0,
              centered: bool = False, batch_size: int = 8, merge: bool = False,
              overwrite: bool = False, progress: bool = True, command: Optional[str] = None,
-             return_model: bool = True):
+             return_model: bool = True, planner_samples: int = 128):
     """Compresses a LLaMA-family model by reduced order modelling and returns it.
 
     A model object passed in is compressed in place (copy it first to keep the dense one).
@@ -87,8 +96,12 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
         strings, token ids, ``"combination"``, ``"wiki"``, ``"c4"``, ``"shakespeare"``,
         ``"generated"``). Default: ``"wiki"`` when the local data is present, else
         ``"generated"`` (data-free: sampled from the model).
-    budget: fraction of all parameters to keep (default 0.8); or ``recipe="paper-80"`` etc.,
-        ``last_k=`` with ``budget=``, or ``ranks=`` (a dict or JSON file of per-layer ranks).
+    budget: fraction of all parameters to keep (default 0.8), allocated by the rank planner
+        (spectra and output sensitivities of every layer from ``planner_samples`` calibration
+        sequences, :mod:`rom_fast.planner`); or ``recipe="paper"`` (the paper's last-k recipe
+        at that budget), ``recipe="paper-80"`` etc. (its own settings), ``last_k=`` with
+        ``budget=``, or ``ranks=`` (a dict or JSON file of per-layer ranks). A streamed
+        directory uses the paper's recipe unless ranks are given.
     out: if given, the compressed model is written there (atomically) and can be reloaded with
         :func:`rom_fast.load`. ``merge=True`` writes dense ``W1 W2`` weights instead.
     return_model: with a streamed directory, ``False`` skips reloading the result (returns None)
@@ -104,7 +117,6 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
         model, tok = load_model(model, tokenizer=tokenizer)
     model.eval()
     adapter = adapter_for(model)
-    plan = resolve_plan(model, adapter, budget, recipe, ranks, last_k)
     if calibration is None:
         calibration = default_calibration()
         if calibration == "generated":
@@ -115,6 +127,16 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
         raise ValueError("a tokenizer is needed to tokenize the calibration data: pass tokenizer=")
     calib = calibration_tokens(calibration, tok, n_samples=n_samples, seq_len=seq_len, seed=seed,
                                model=model)
+    collected = {}
+
+    def spectra():
+        collected.update(planner.collect_spectra(
+            model, adapter, calib.input_ids[:planner_samples], calib.attention_mask[:planner_samples],
+            batch_size=batch_size, progress=progress))
+        return collected
+
+    plan = resolve_plan(model, adapter, budget, recipe, ranks, last_k,
+                        spectra=None if streamed is not None else spectra)
     before = plans.total_params(model)
     bar = None
     if progress:
@@ -142,7 +164,8 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
             "centered": centered, "streamed": streamed is not None,
         }
         metadata = {"plan": plan.to_json(), "summary": summary, "command": command, "source": source,
-                    "layer_energy": {r.name: r.retained_energy for r in report.layers}}
+                    "layer_energy": {r.name: r.retained_energy for r in report.layers},
+                    "spectra": {n: sp.to_json() for n, sp in collected.items()}}
         card = _model_card(source, plan, calib.description, report, before, after, command)
         return summary, metadata, card
 

@@ -25,6 +25,7 @@ from rom_fast.lowrank import LowRankLinear, apply_structure
 
 FORMAT_VERSION = 1
 _BASES = {}   # base model_type -> registered rom_fast model_type
+SPECTRA_FILE = "rom_fast_spectra.json"
 _MODEL_CLASSES: Dict[str, type] = {}   # registered model_type -> its causal-LM class
 
 
@@ -108,7 +109,12 @@ def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
 
 def write_metadata(directory: Path, model: nn.Module, tokenizer, metadata: dict, card: str,
                    merged: bool = False) -> None:
-    """config.json (with the factorized layers and plan), tokenizer files and the model card."""
+    """config.json (with the factorized layers and plan), tokenizer files and the model card;
+    the planner's spectra, when the plan came from it, go to ``rom_fast_spectra.json``."""
+    metadata = dict(metadata)
+    spectra = metadata.pop("spectra", None)
+    if spectra:
+        (directory / SPECTRA_FILE).write_text(json.dumps(spectra) + "\n")
     (directory / "config.json").write_text(json.dumps(_config_dict(model, metadata, merged), indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

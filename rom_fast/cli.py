@@ -2,6 +2,7 @@
 
   rom-fast compress                     # SmolLM2-135M (embedded) at 80%, perplexity before/after
   rom-fast compress MODEL --budget 0.5 --calibration wiki --out smol-rom50
+  rom-fast plan --budget 0.5 --png plan.png  # the rank planner's per-layer ranks
   rom-fast eval DIR --tasks boolq piqa --limit 200
 """
 
@@ -26,11 +27,14 @@ def _add_compress(sub) -> None:
                         "'generated' (data-free: sampled from the model), or a Hugging Face dataset name when online "
                         "(default: wiki when ../shared/data is present, else generated)")
     plan = p.add_mutually_exclusive_group()
-    plan.add_argument("--recipe", choices=["paper-90", "paper-80", "paper-50"],
-                      help="the paper's recipe (last k of 32 blocks scaled to the model's depth)")
+    plan.add_argument("--recipe", choices=["paper", "paper-90", "paper-80", "paper-50"],
+                      help="the paper's last-k recipe instead of the rank planner: 'paper' at --budget (k "
+                           "interpolated between its settings), or its 90/80/50%% settings (last k of 32 blocks "
+                           "scaled to the model's depth)")
     plan.add_argument("--ranks", help="JSON file of explicit per-layer ranks {module name: rank}")
     p.add_argument("--budget", type=float, default=None,
-                   help="fraction of all parameters to keep (default 0.8)")
+                   help="fraction of all parameters to keep (default 0.8); ranks come from the rank planner "
+                        "(layer spectra weighted by output-loss sensitivity, see 'rom-fast plan')")
     p.add_argument("--last-k", type=int, default=None,
                    help="with --budget: compress only the last K blocks, uniformly (the paper's scheme)")
     p.add_argument("--out", help="output directory (written atomically); nothing is saved without it")
@@ -46,6 +50,52 @@ def _add_compress(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass (smaller: less memory)")
     p.add_argument("--eval-windows", type=int, default=40,
                    help="WikiText-2 perplexity before/after on this many 512-token windows (0: skip)")
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="print (and plot) the rank planner's per-layer ranks for a budget",
+                       description="Collect every layer's spectrum and output sensitivity on calibration "
+                                   "data, allocate ranks for the budget, print them, optionally save a JSON "
+                                   "usable by 'compress --ranks' and a PNG.")
+    p.add_argument("model", nargs="?", default="smollm2", help="as for compress")
+    p.add_argument("--budget", type=float, default=0.8, help="fraction of all parameters to keep")
+    p.add_argument("--calibration", default=None, help="as for compress")
+    p.add_argument("--n-samples", type=int, default=128, help="calibration sequences for the spectra")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weighting", choices=["fisher", "energy", "tail"], default="fisher",
+                   help="fisher: tail x output sensitivity (default); energy: tail / the layer's own energy; "
+                        "tail: raw tail")
+    p.add_argument("--json", help="write {ranks, details} here (input for compress --ranks)")
+    p.add_argument("--png", help="plot ranks and retained energy per layer to this PNG")
+
+
+def run_plan(args) -> int:
+    from rom_fast import planner
+    from rom_fast.adapters import adapter_for
+    from rom_fast.calibration import calibration_tokens, default_calibration
+    from rom_fast.models import load_model
+
+    model, tok = load_model(args.model)
+    adapter = adapter_for(model)
+    calib = calibration_tokens(args.calibration or default_calibration(), tok, n_samples=args.n_samples,
+                               seq_len=args.seq_len, seed=None if args.seed < 0 else args.seed, model=model)
+    spectra = planner.collect_spectra(model, adapter, calib.input_ids, calib.attention_mask, progress=True)
+    plan = planner.planned(model, adapter, args.budget, spectra, args.weighting)
+    print(f"{plan.description}: {plan.details['kept_params']:,} of {plan.details['total_params']:,} "
+          f"parameters ({plan.details['ratio']:.2%})")
+    print(f"{'layer':44s} {'shape':>11s} {'rank':>6s} {'retained':>9s} {'sensitivity':>12s}")
+    for name, s in spectra.items():
+        rank = plan.ranks.get(name)
+        print(f"{name:44s} {s.d_out:>5d}x{s.d_in:<5d} {rank if rank else 'dense':>6} "
+              f"{plan.details['retained_energy'][name]:>9.4f} {s.sensitivity:>12.3e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ranks": plan.ranks, "details": plan.details, "description": plan.description}, f, indent=2)
+    if args.png:
+        planner.plot_plan(spectra, plan, args.png)
+        print(f"plot: {args.png}")
+    return 0
 
 
 def _add_eval(sub) -> None:
@@ -133,13 +183,14 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     _add_compress(sub)
+    _add_plan(sub)
     _add_eval(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
     try:
-        return run_compress(args) if args.command == "compress" else run_eval(args)
+        return {"compress": run_compress, "plan": run_plan, "eval": run_eval}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as exc:
         print(f"rom-fast: error: {exc}", file=sys.stderr)
         return 2
