@@ -19,7 +19,7 @@ from rom_fast.calibration import calibration_tokens, default_calibration, defaul
 from rom_fast.checkpoint import atomic_directory, load, save_compressed, write_metadata
 from rom_fast.lowrank import merge_lowrank
 from rom_fast.models import load_model
-from rom_fast.pipeline import CompressionOptions, CompressionReport, compress_model
+from rom_fast.pipeline import ACTIVATION_DTYPES, CompressionOptions, CompressionReport, compress_model
 from rom_fast.streaming import ShardWriter, StreamedModel
 
 def peak_rss_bytes() -> int:
@@ -84,7 +84,8 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
              n_samples: int = 512, seq_len: int = 128, seed: Optional[int] = 0,
              centered: bool = False, batch_size: int = 8, merge: bool = False,
              overwrite: bool = False, progress: bool = True, command: Optional[str] = None,
-             return_model: bool = True, planner_samples: int = 128):
+             return_model: bool = True, planner_samples: int = 128,
+             activation_dtype: Union[str, torch.dtype] = "float32"):
     """Compresses a LLaMA-family model by reduced order modelling and returns it.
 
     A model object passed in is compressed in place (copy it first to keep the dense one).
@@ -106,7 +107,16 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
         :func:`rom_fast.load`. ``merge=True`` writes dense ``W1 W2`` weights instead.
     return_model: with a streamed directory, ``False`` skips reloading the result (returns None)
         so memory stays bounded by one block.
+    activation_dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``: the precision the
+        calibration activations are stored in between layers (arithmetic stays float32). float16
+        halves the largest buffers (1 GiB each for a 7B model at 512 x 128 tokens) at ~0.1%
+        perplexity on SmolLM2-135M.
     """
+    if isinstance(activation_dtype, str):
+        if activation_dtype not in ACTIVATION_DTYPES:
+            raise ValueError(f"activation_dtype must be one of {sorted(ACTIVATION_DTYPES)}, "
+                             f"got {activation_dtype!r}")
+        activation_dtype = ACTIVATION_DTYPES[activation_dtype]
     t0 = time.perf_counter()
     source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
     streamed = None
@@ -149,7 +159,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
             bar.n = done
             bar.refresh()
 
-    options = CompressionOptions(centered=centered, batch_size=batch_size)
+    options = CompressionOptions(centered=centered, batch_size=batch_size, activation_dtype=activation_dtype)
     command = command or " ".join(shlex.quote(a) for a in sys.argv)
 
     def finish(report: CompressionReport):
@@ -162,6 +172,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
             "seconds": dict(report.seconds), "peak_rss_bytes": peak_rss_bytes(),
             "calibration": calib.description, "n_tokens": int(calib.attention_mask.sum()),
             "centered": centered, "streamed": streamed is not None,
+            "activation_dtype": str(activation_dtype).replace("torch.", ""),
         }
         metadata = {"plan": plan.to_json(), "summary": summary, "command": command, "source": source,
                     "layer_energy": {r.name: r.retained_energy for r in report.layers},
@@ -172,8 +183,14 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
     if streamed is not None:
         with atomic_directory(out, overwrite) as tmp:
             writer = ShardWriter(tmp)
+
+            def load_block(i):
+                if i == 0:   # the first block's inputs are captured: the embedding is not needed
+                    streamed.release_embedding()
+                streamed.load_block(i)
+
             report = compress_model(model, adapter, calib.input_ids, calib.attention_mask, plan.ranks, options,
-                                    progress=tick, block_loader=streamed.load_block,
+                                    progress=tick, block_loader=load_block,
                                     block_done=lambda i: writer.add(streamed.release_block(i)))
             last = max((int(n.split(".")[2]) for n in plan.ranks), default=-1)
             for i in range(last + 1, streamed.n_blocks):   # never loaded: copied straight through

@@ -1,17 +1,20 @@
 """Block-by-block streaming of a Hugging Face safetensors directory.
 
 The model skeleton is built without weights (parameters on the meta device; buffers such as
-rotary frequencies are computed for real). Embeddings, final norm and head are loaded up front;
-block i is read from its shards just before the loop needs it and, once compressed, its weights
-are written to the output and dropped. Peak memory is about one block plus the calibration
-activations, whatever the depth of the model.
+rotary frequencies are computed for real). Only the input embedding is loaded up front (to
+capture the first block's inputs) and it is dropped once they are; block i is read from its
+shards just before the loop needs it and, once compressed, its weights are written to the
+output and dropped; the final norm and head are copied from disk to the output at the end.
+Peak memory is about one block plus the calibration activations, whatever the depth and
+vocabulary of the model. Tensors are written back in the checkpoint's own precision (a
+bfloat16 model gives bfloat16 factors); the arithmetic is float32.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from accelerate import init_empty_weights
@@ -42,7 +45,8 @@ class SafetensorsIndex:
     def keys_with_prefix(self, prefix: str) -> List[str]:
         return [k for k in self.files if k.startswith(prefix)]
 
-    def load(self, keys: List[str], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    def load(self, keys: List[str], dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+        """The named tensors, cast to ``dtype`` (``None``: as stored)."""
         by_file: Dict[str, List[str]] = {}
         for k in keys:
             by_file.setdefault(self.files[k], []).append(k)
@@ -50,7 +54,8 @@ class SafetensorsIndex:
         for name, ks in by_file.items():
             with safe_open(self.directory / name, framework="pt") as f:
                 for k in ks:
-                    out[k] = f.get_tensor(k).to(dtype)
+                    t = f.get_tensor(k)
+                    out[k] = t if dtype is None else t.to(dtype)
         return out
 
 
@@ -61,6 +66,11 @@ def _materialize(module: nn.Module, prefix: str, tensors: Dict[str, torch.Tensor
     if missing:
         raise ValueError(f"checkpoint lacks {prefix}{missing[0]} (and {len(missing) - 1} more)")
     module.load_state_dict(state, strict=False, assign=True)
+
+
+def _storage_dtype(tensors: Dict[str, torch.Tensor]) -> torch.dtype:
+    """The precision most of a block's weights are stored in (its largest tensor's)."""
+    return max(tensors.values(), key=lambda t: t.numel()).dtype
 
 
 class StreamedModel:
@@ -75,44 +85,60 @@ class StreamedModel:
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         self.model.eval()
         self.n_blocks = len(self.model.model.layers)
-        outer = [k for k in self.index.files if not k.startswith("model.layers.")]
-        _materialize_outer(self.model, self.index.load(outer, dtype))
+        self._block_dtypes: Dict[int, torch.dtype] = {}
+        self._check_outer()
+        embed = self.model.get_input_embeddings()
+        self._embed_name = next(n for n, m in self.model.named_modules() if m is embed)
+        prefix = self._embed_name + "."
+        _materialize(embed, prefix, self.index.load(self.index.keys_with_prefix(prefix), dtype))
+
+    def _tied(self) -> bool:
+        return bool(getattr(self.config, "tie_word_embeddings", False))
+
+    def _outer_keys(self) -> List[str]:
+        """Checkpoint tensors outside the blocks (a tied head is stored once, as the embedding)."""
+        return [k for k in self.index.files if not k.startswith("model.layers.")
+                and not (self._tied() and k == "lm_head.weight")]
+
+    def _check_outer(self) -> None:
+        stored = set(self.index.files)
+        for n, _ in self.model.named_parameters():
+            if n.startswith("model.layers.") or (self._tied() and n == "lm_head.weight"):
+                continue
+            if n not in stored:
+                raise ValueError(f"checkpoint lacks {n}")
+
+    def release_embedding(self) -> None:
+        """Frees the input embedding: call once the first block's inputs are captured."""
+        self.model.get_input_embeddings().to_empty(device="meta")
 
     def block_prefix(self, i: int) -> str:
         return f"model.layers.{i}."
 
     def load_block(self, i: int) -> None:
         prefix = self.block_prefix(i)
-        _materialize(self.model.model.layers[i], prefix,
-                     self.index.load(self.index.keys_with_prefix(prefix), self.dtype))
+        raw = self.index.load(self.index.keys_with_prefix(prefix))
+        self._block_dtypes[i] = _storage_dtype(raw)
+        _materialize(self.model.model.layers[i], prefix, {k: v.to(self.dtype) for k, v in raw.items()})
+        del raw
 
     def release_block(self, i: int) -> Dict[str, torch.Tensor]:
-        """Returns block i's (possibly compressed) tensors and frees its memory."""
+        """Returns block i's (possibly compressed) tensors in the checkpoint's precision and
+        frees its memory."""
         block = self.model.model.layers[i]
         prefix = self.block_prefix(i)
-        state = {prefix + k: v.detach().contiguous() for k, v in block.state_dict().items()}
+        dtype = self._block_dtypes.pop(i)
+        state = {prefix + k: v.detach().to(dtype).contiguous() for k, v in block.state_dict().items()}
         block.to_empty(device="meta")
         return state
 
     def outer_state(self) -> Dict[str, torch.Tensor]:
-        """Embeddings, final norm and head (a tied head is stored once, as the embedding)."""
-        tied = getattr(self.config, "tie_word_embeddings", False)
-        return {k: v.detach().contiguous() for k, v in self.model.state_dict().items()
-                if not k.startswith("model.layers.") and not (tied and k == "lm_head.weight")}
+        """Embeddings, final norm and head, straight from disk."""
+        return self.index.load(self._outer_keys())
 
     def raw_block(self, i: int) -> Dict[str, torch.Tensor]:
         """Block i's tensors straight from disk (blocks the plan leaves dense)."""
-        prefix = self.block_prefix(i)
-        return self.index.load(self.index.keys_with_prefix(prefix), self.dtype)
-
-
-def _materialize_outer(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
-    model.load_state_dict(tensors, strict=False, assign=True)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-    meta = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith("model.layers.")]
-    if meta:
-        raise ValueError(f"checkpoint lacks {meta[0]}")
+        return self.index.load(self.index.keys_with_prefix(self.block_prefix(i)))
 
 
 class ShardWriter:

@@ -231,6 +231,43 @@ def test_streamed_directory_equals_in_memory(tmp_path, kind):
     assert rom_fast.compress(src, out=tmp_path / "rom2", return_model=False, **kw) is None
 
 
+def test_streamed_bfloat16_checkpoint_stays_bfloat16(tmp_path):
+    from safetensors import safe_open
+    model = tiny_model("llama")
+    src = tmp_path / "dense"
+    model.to(torch.bfloat16).save_pretrained(src)
+    ids, mask = calibration()
+    ranks = {f"model.layers.1.{n}": 10 for n in LINEARS}
+    kw = dict(calibration={"input_ids": ids, "attention_mask": mask}, ranks=ranks, progress=False)
+    streamed = rom_fast.compress(src, out=tmp_path / "rom", **kw)
+    with safe_open(str(next((tmp_path / "rom").glob("*.safetensors"))), framework="pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes == {torch.bfloat16}
+    # Same factors as compressing the bfloat16 weights in memory in float32, up to bf16 rounding.
+    in_memory = rom_fast.compress(copy.deepcopy(model).float(), **kw)
+    test_ids = torch.randint(0, 211, (2, 16))
+    with torch.no_grad():
+        a, b = streamed(test_ids).logits, in_memory(test_ids).logits
+    assert (a - b).abs().max() < 0.05 * b.abs().max()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_activations_change_little_and_bad_names_are_refused(dtype):
+    model = tiny_model("qwen2")
+    ids, mask = calibration()
+    ranks = {f"model.layers.{b}.{n}": 10 for b in (0, 1, 2) for n in LINEARS}
+    kw = dict(calibration={"input_ids": ids, "attention_mask": mask}, ranks=ranks, progress=False)
+    ref = rom_fast.compress(copy.deepcopy(model), **kw)
+    low = rom_fast.compress(copy.deepcopy(model), activation_dtype=dtype, **kw)
+    assert low.rom_fast_summary["activation_dtype"] == dtype
+    with torch.no_grad():
+        a, b = low(ids).logits, ref(ids).logits
+    err = float((a - b).norm() / b.norm())
+    assert 0 < err < (3e-3 if dtype == "bfloat16" else 5e-4)   # rounded, not ignored, and small (measured 2.8e-4, 3.7e-5)
+    with pytest.raises(ValueError, match="activation_dtype"):
+        rom_fast.compress(copy.deepcopy(model), activation_dtype="int8", **kw)
+
+
 def test_svd_baseline_is_the_eckart_young_fit_of_w():
     from rom_fast.baselines import svd_compress
     torch.manual_seed(0)
