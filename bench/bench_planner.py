@@ -27,6 +27,9 @@ def main() -> None:
     p.add_argument("--k", type=int, nargs="*", default=[], help="last-k recipes to search")
     p.add_argument("--weightings", nargs="*", default=["fisher", "energy"])
     p.add_argument("--centered", action="store_true", help="also run the best planner row centred")
+    p.add_argument("--zero-shot", type=int, default=0, metavar="LIMIT",
+                   help="also score the six zero-shot tasks on LIMIT seeded items each")
+    p.add_argument("--tag", default="", help="suffix of the results file (planner_<ratio><tag>.json)")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--windows", type=int, default=40)
     a = p.parse_args()
@@ -38,7 +41,7 @@ def main() -> None:
     from rom_fast import plans
     from rom_fast.adapters import adapter_for
     from rom_fast.calibration import calibration_tokens
-    from rom_fast.evaluate import wikitext2_perplexity
+    from rom_fast.evaluate import wikitext2_perplexity, zero_shot
     from rom_fast.models import load_model
     from rom_fast.planner import collect_spectra, planned
 
@@ -56,13 +59,17 @@ def main() -> None:
         rom_fast.compress(model, calibration=batch, ranks=plan.ranks, progress=False, centered=centered)
         seconds = time.perf_counter() - t0
         ppl = wikitext2_perplexity(model, tok, window=512, max_windows=a.windows)["perplexity"]
+        avg = None
+        if a.zero_shot:
+            avg = zero_shot(model, tok, limit=a.zero_shot, seed=0, batch_size=16)["average"]["score"]
         rows.append({"label": label, "plan": plan.description, "ratio": plan.details["ratio"],
-                     "kept_params": plan.details["kept_params"], "perplexity": ppl,
+                     "kept_params": plan.details["kept_params"], "perplexity": ppl, "zero_shot_average": avg,
                      "compress_seconds": seconds, "centered": centered, "ranks": plan.ranks})
-        print(f"| {label} | {plan.details['kept_params']:,} | {plan.details['ratio']:.4f} | {ppl:.2f} |", flush=True)
+        print(f"| {label} | {plan.details['kept_params']:,} | {plan.details['ratio']:.4f} | {ppl:.2f} | "
+              + ("" if avg is None else f"{100 * avg:.1f} |"), flush=True)
         return ppl
 
-    print("| plan | kept params | ratio | WikiText-2 ppl |\n|---|---|---|---|", flush=True)
+    print("| plan | kept params | ratio | WikiText-2 ppl |" + (" six-task avg |" if a.zero_shot else "") + "\n|---|---|---|---|" + ("---|" if a.zero_shot else ""), flush=True)
     for k in a.k:
         run(f"last {k}", plans.last_k_plan(dense, adapter, a.ratio, k))
     t0 = time.perf_counter()
@@ -76,12 +83,13 @@ def main() -> None:
             best = (ppl, plan, w)
     if a.centered and best is not None:
         run(f"planner ({best[2]}), centred", best[1], centered=True)
-    out = os.path.join(ROOT, "bench", "results", f"planner_{a.ratio:.2f}.json")
+    out = os.path.join(ROOT, "bench", "results", f"planner_{a.ratio:.2f}{a.tag}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"command": "python bench/bench_planner.py " + " ".join(
                        [f"--ratio {a.ratio}"] + ([f"--k {' '.join(map(str, a.k))}"] if a.k else [])
-                       + ([f"--weightings {' '.join(a.weightings)}"]) + (["--centered"] if a.centered else [])),
+                       + ([f"--weightings {' '.join(a.weightings)}"]) + (["--centered"] if a.centered else [])
+                       + ([f"--zero-shot {a.zero_shot}"] if a.zero_shot else []) + ([f"--tag {a.tag}"] if a.tag else [])),
                    "calibration": calib.description, "spectra_seconds": spectra_seconds, "rows": rows},
                   f, indent=2)
     print(f"spectra: {spectra_seconds:.1f} s; written {out}")

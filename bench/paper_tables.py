@@ -3,6 +3,7 @@
   python bench/paper_tables.py                      # every row not yet in bench/results/
   python bench/paper_tables.py --rows dense rom-80  # some rows
   python bench/paper_tables.py --table              # print the README tables from the JSONs
+  python bench/paper_tables.py --plot bench/results/paper_plot.png
 
 Each row compresses a fresh copy of the model (or not, for "dense"), then measures WikiText-2
 perplexity and the six zero-shot tasks with the same settings for every row, and writes
@@ -23,13 +24,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 
-# row -> (method, recipe, calibration, n_samples, seq_len)
+# row -> (method, recipe (or budget, for the planner), calibration, n_samples, seq_len)
 MAIN = "combination"
 ROWS = {
     "dense": ("dense", None, None, 0, 0),
     "rom-90": ("rom", "paper-90", MAIN, 512, 128),
     "rom-80": ("rom", "paper-80", MAIN, 512, 128),
     "rom-50": ("rom", "paper-50", MAIN, 512, 128),
+    # rom_fast's default: budget alone, ranks from the planner (rom_fast.planner).
+    "planner-80": ("planner", 0.8, MAIN, 512, 128),
+    "planner-50": ("planner", 0.5, MAIN, 512, 128),
     "svd-90": ("svd", "paper-90", None, 0, 0),
     "svd-80": ("svd", "paper-80", None, 0, 0),
     "svd-50": ("svd", "paper-50", None, 0, 0),
@@ -69,9 +73,13 @@ def run_row(row: str, args) -> dict:
     model, tok = load_model("smollm2")
     t0 = time.perf_counter()
     plan = None
-    if method != "dense":
+    if method in ("rom", "svd"):
         plan = plans.paper_recipe(model, adapter_for(model), recipe)
-    if method == "rom":
+    if method == "planner":
+        model = rom_fast.compress(model, calibration=calibration, budget=recipe, tokenizer=tok,
+                                  n_samples=n_samples, seq_len=seq_len, seed=0, progress=False)
+        plan = model.rom_fast_plan
+    elif method == "rom":
         model = rom_fast.compress(model, calibration=calibration, ranks=plan.ranks, tokenizer=tok,
                                   n_samples=n_samples, seq_len=seq_len, seed=0, progress=False)
     elif method == "svd":
@@ -91,13 +99,19 @@ def run_row(row: str, args) -> dict:
     }
 
 
-def print_tables() -> None:
+def load_rows() -> dict:
+    """{row: result} for every row with a JSON in bench/results, in table order."""
     rows = {}
     for row in ROWS:
         path = os.path.join(RESULTS, f"table_{row}.json")
         if os.path.exists(path):
             with open(path) as f:
                 rows[row] = json.load(f)
+    return rows
+
+
+def print_tables() -> None:
+    rows = load_rows()
     if not rows:
         print("no results yet")
         return
@@ -118,6 +132,38 @@ def print_tables() -> None:
               f"| {100 * z['average']['score']:.1f} | {r['wikitext2']['perplexity']:.2f} |")
 
 
+def plot(path: str) -> None:
+    """Six-task average and WikiText-2 perplexity against kept parameters, a line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = load_rows()
+    dense = rows["dense"]
+    lines = {"LLM-ROM, paper's last-k recipe": "rom", "rom_fast planner (default)": "planner",
+             "truncated SVD (data-free)": "svd"}
+    fig, (acc_ax, ppl_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, prefix in lines.items():
+        pts = sorted((r["params"] / dense["params"], 100 * r["zero_shot"]["average"]["score"],
+                      r["wikitext2"]["perplexity"])
+                     for name, r in rows.items() if name in (f"{prefix}-90", f"{prefix}-80", f"{prefix}-50"))
+        pts.append((1.0, 100 * dense["zero_shot"]["average"]["score"], dense["wikitext2"]["perplexity"]))
+        x, acc, ppl = zip(*pts)
+        acc_ax.plot(x, acc, marker="o", label=label)
+        ppl_ax.plot(x, ppl, marker="o", label=label)
+    acc_ax.set_ylabel("six-task average (%)")
+    ppl_ax.set_ylabel("WikiText-2 perplexity (log)")
+    ppl_ax.set_yscale("log")
+    for ax in (acc_ax, ppl_ax):
+        ax.set_xlabel("kept parameters (fraction of SmolLM2-135M)")
+        ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M: calibration 512 x 128 task mix; zero-shot 100 items per task")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"written {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
@@ -126,9 +172,13 @@ def main() -> None:
     p.add_argument("--window", type=int, default=2048, help="WikiText-2 window length")
     p.add_argument("--force", action="store_true", help="recompute rows that already have a JSON")
     p.add_argument("--table", action="store_true", help="only print the tables")
+    p.add_argument("--plot", help="only draw the accuracy/perplexity plot to this PNG")
     a = p.parse_args()
     if a.table:
         print_tables()
+        return
+    if a.plot:
+        plot(a.plot)
         return
     os.makedirs(RESULTS, exist_ok=True)
     for row in a.rows:

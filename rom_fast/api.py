@@ -202,7 +202,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
         if not return_model:
             return None
         result = load(out)
-        result.rom_fast_summary, result.rom_fast_report = summary, report
+        result.rom_fast_summary, result.rom_fast_report, result.rom_fast_plan = summary, report, plan
         return result
 
     report = compress_model(model, adapter, calib.input_ids, calib.attention_mask, plan.ranks, options,
@@ -210,6 +210,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
     summary, metadata, card = finish(report)
     model.rom_fast_summary = summary
     model.rom_fast_report = report
+    model.rom_fast_plan = plan
     if merge:
         merge_lowrank(model)
     if out is not None:

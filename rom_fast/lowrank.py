@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 from torch import nn
@@ -104,3 +104,41 @@ def merge_lowrank(model: nn.Module, names: Optional[list] = None) -> None:
                     b += module.expand.bias
                 dense.bias.copy_(b)
         set_module(model, name, dense)
+
+
+def _seconds(fn, x: torch.Tensor, repeat: int) -> float:
+    import time
+    fn(x)   # warm-up: first calls allocate
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@torch.inference_mode()
+def choose_execution(model: nn.Module, tokens: int = 1, repeat: int = 20) -> Dict[str, str]:
+    """Keeps each LowRankLinear as two linears only where that is measured faster than its dense
+    merge ``W1 W2`` for inputs of ``tokens`` rows (1: decoding; e.g. 512: prefill); the others
+    are merged in place. Layers of one shape and rank are timed once. Returns
+    ``{module name: "two-linears" | "merged"}``.
+
+    Merging gives back the parameters a layer saved, so it is only chosen where the factors are
+    slower, which happens for small layers whose matmuls are dominated by per-call overhead.
+    """
+    choice: Dict[tuple, str] = {}
+    result: Dict[str, str] = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, LowRankLinear):
+            continue
+        key = (module.in_features, module.out_features, module.rank, module.expand.weight.dtype)
+        if key not in choice:
+            x = torch.randn(tokens, module.in_features, dtype=module.expand.weight.dtype)
+            w = module.merged_weight()
+            two = _seconds(module, x, repeat)
+            merged = _seconds(lambda t: nn.functional.linear(t, w), x, repeat)
+            choice[key] = "two-linears" if two <= merged else "merged"
+        result[name] = choice[key]
+    merge_lowrank(model, [n for n, c in result.items() if c == "merged"])
+    return result

@@ -169,6 +169,7 @@ class BlockCompressor:
                 self._replace(block, prefix, name, lin, f, "input-gram")
 
     def _replace(self, block, prefix, name, lin, f: kernels.Factorization, route: str):
+        self.report.seconds["eigensolver"] += f.eigen_seconds   # part of "factorize"
         parent, _, child = name.rpartition(".")
         setattr(block.get_submodule(parent), child, from_factors(lin, f.w1, f.w2, f.b1, f.b2))
         energy = f.eigenvalues.sum() / f.total_energy if f.total_energy > 0 else 1.0

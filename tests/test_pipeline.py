@@ -317,3 +317,18 @@ def test_block_outputs_reuse_the_dense_down_outputs_exactly(centered):
             ref = block(h, **kw)
             ref = ref[0] if isinstance(ref, tuple) else ref
             torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_choose_execution_keeps_the_function_and_only_merges_by_measurement():
+    model = tiny_model("llama")
+    ids, mask = calibration()
+    ranks = {f"model.layers.{b}.{n}": 8 for b in (0, 1) for n in LINEARS}
+    rom_fast.compress(model, calibration={"input_ids": ids, "attention_mask": mask}, ranks=ranks, progress=False)
+    with torch.no_grad():
+        before = model(ids).logits
+    chosen = rom_fast.choose_execution(model, tokens=1, repeat=3)
+    assert set(chosen) == set(ranks) and set(chosen.values()) <= {"two-linears", "merged"}
+    for name, how in chosen.items():
+        assert isinstance(model.get_submodule(name), LowRankLinear if how == "two-linears" else nn.Linear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=1e-5)

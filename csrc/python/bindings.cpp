@@ -67,6 +67,7 @@ py::dict factors_to_dict(const rom_fast::LowRankFactors& f) {
   d["b2"] = f.b2.empty() ? py::object(py::none()) : to_numpy(f.b2, {f.rank});
   d["eigenvalues"] = to_numpy(f.eigenvalues, {f.rank});
   d["total_energy"] = f.total_energy;
+  d["eigen_seconds"] = f.eigen_seconds;
   return d;
 }
 

@@ -1,6 +1,7 @@
 #include "rom_fast/factorize.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
@@ -20,6 +21,14 @@ namespace {
 // accurately through the k x k Gram (their error grows like eps * lambda_max / lambda_i) and
 // carry no energy on the calibration data, so they are returned as zeros.
 constexpr double kNegligibleEnergy = 1e-10;
+
+// top_eigenpairs_inplace, adding its wall time to out.eigen_seconds.
+void timed_top_eigenpairs(double* a, index_t d, index_t r, double* values, double* vectors,
+                          EigenMethod method, LowRankFactors& out) {
+  const auto t0 = std::chrono::steady_clock::now();
+  detail::top_eigenpairs_inplace(a, d, r, values, vectors, method);
+  out.eigen_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
 
 std::vector<double> widen(const float* x, index_t n) {
   std::vector<double> out(static_cast<std::size_t>(n));
@@ -133,7 +142,7 @@ std::vector<double> output_eigenvectors(const std::vector<double>& b, index_t m,
   if (m <= k) {
     std::vector<double> cy(static_cast<std::size_t>(m * m));
     dsyrk_f("L", "N", &bm, &bk, &one, b.data(), &bm, &zero, cy.data(), &bm, 1, 1);
-    detail::top_eigenpairs_inplace(cy.data(), m, r, out.eigenvalues.data(), vr.data(), method);
+    timed_top_eigenpairs(cy.data(), m, r, out.eigenvalues.data(), vr.data(), method, out);
     return vr;
   }
   // d_out > k: C_y and G = B^T B share their nonzero eigenvalues; u_i = B q_i / sqrt(l_i).
@@ -141,7 +150,7 @@ std::vector<double> output_eigenvectors(const std::vector<double>& b, index_t m,
   std::vector<double> g(static_cast<std::size_t>(k * k));
   dsyrk_f("L", "T", &bk, &bm, &one, b.data(), &bm, &zero, g.data(), &bk, 1, 1);
   std::vector<double> q(static_cast<std::size_t>(re * k));
-  detail::top_eigenpairs_inplace(g.data(), k, re, out.eigenvalues.data(), q.data(), method);
+  timed_top_eigenpairs(g.data(), k, re, out.eigenvalues.data(), q.data(), method, out);
   // Row-major Q (re x k) is column-major k x re; V_r (re x m row-major) is column-major U.
   const blas_int bre = to_blas(re, "rank");
   dgemm_f("N", "N", &bm, &bre, &bk, &one, b.data(), &bm, q.data(), &bk, &zero, vr.data(), &bm, 1,
@@ -268,7 +277,7 @@ LowRankFactors factorize_layer_output_gram(const double* weight, index_t d_out, 
   for (index_t i = 0; i < d_out; ++i) out.total_energy += c[i * d_out + i];
   out.eigenvalues.assign(static_cast<std::size_t>(rank), 0.0);
   std::vector<double> vr(static_cast<std::size_t>(rank * d_out));
-  detail::top_eigenpairs_inplace(c.data(), d_out, rank, out.eigenvalues.data(), vr.data(), method);
+  timed_top_eigenpairs(c.data(), d_out, rank, out.eigenvalues.data(), vr.data(), method, out);
   assemble(weight, d_out, d_in, bias, vr, rank, mean_out.empty() ? nullptr : mean_out.data(), out);
   return out;
 }

@@ -66,6 +66,7 @@ struct LowRankFactors {
   std::vector<double> b2;  ///< rank, or empty (= V_r b; uncentered layer with a bias)
   std::vector<double> eigenvalues;  ///< the rank largest eigenvalues of C_y, descending
   double total_energy = 0.0;        ///< trace(C_y); the fit's squared error is total - sum(eigenvalues)
+  double eigen_seconds = 0.0;       ///< wall time in the eigensolver; the rest of the call is products
 };
 
 /// Factorizes W (d_out x d_in) with optional bias (d_out, may be null) from its input factor.
