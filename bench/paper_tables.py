@@ -151,6 +151,9 @@ def plot(path: str) -> None:
         x, acc, ppl = zip(*pts)
         acc_ax.plot(x, acc, marker="o", label=label)
         ppl_ax.plot(x, ppl, marker="o", label=label)
+    # Uniform guessing: 2 choices for BoolQ, PIQA, WinoGrande; 4 for HellaSwag and (nearly all) ARC.
+    chance = 100 * sum([1 / 2, 1 / 2, 1 / 4, 1 / 2, 1 / 4, 1 / 4]) / 6
+    acc_ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.1f}%)")
     acc_ax.set_ylabel("six-task average (%)")
     ppl_ax.set_ylabel("WikiText-2 perplexity (log)")
     ppl_ax.set_yscale("log")

@@ -17,6 +17,7 @@ from rom_fast.kernels import (
     top_eigenpairs,
 )
 
+from rom_fast import evaluate   # rom_fast.evaluate.wikitext2_perplexity / .zero_shot
 from rom_fast.api import compress
 from rom_fast.checkpoint import load, register_all as _register_all
 from rom_fast.lowrank import choose_execution
@@ -28,7 +29,7 @@ __version__ = _core.__version__
 _register_all()
 
 __all__ = [
-    "compress", "load", "choose_execution", "Factorization", "GramAccumulator", "InputFactor", "LapackError", "__version__",
+    "compress", "load", "choose_execution", "evaluate", "Factorization", "GramAccumulator", "InputFactor", "LapackError", "__version__",
     "eigenvalues", "factorize", "factorize_output_gram", "get_num_threads", "input_factor",
     "lowrank_apply", "output_spectrum", "set_num_threads", "top_eigenpairs",
 ]

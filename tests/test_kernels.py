@@ -128,6 +128,26 @@ def test_non_finite_raised_from_openmp_region_leaves_state_unchanged():
     np.testing.assert_array_equal(acc.gram, before)
 
 
+def test_long_chunk_is_checked_whole_before_any_of_it_counts():
+    # 15000 rows at d = 576 span several internal blocks; the bad row is in the last one.
+    d = 576
+    x = np.random.default_rng(3).standard_normal((15000, d)).astype(np.float32)
+    acc = rom_fast.GramAccumulator(d)
+    acc.update(x[:10])
+    before = acc.gram.copy()
+    bad = x.copy()
+    bad[14999, 17] = np.nan
+    with pytest.raises(ValueError, match="non-finite value at row 14999, column 17"):
+        acc.update(bad)
+    assert acc.count == 10
+    np.testing.assert_array_equal(acc.gram, before)
+    acc.update(x)
+    x64 = np.concatenate([x[:10], x]).astype(np.float64)
+    ref = x64.T @ x64
+    np.testing.assert_allclose(acc.gram, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+    np.testing.assert_allclose(acc.column_sum, x64.sum(0), rtol=1e-12, atol=1e-9)
+
+
 def test_gil_is_released_during_native_work():
     x = np.random.default_rng(2).standard_normal((20000, 1024))
     acc = rom_fast.GramAccumulator(1024)
