@@ -124,7 +124,7 @@ def print_tables() -> None:
     head = "| Method | #Params | #MACs/token | " + " | ".join(
         ["BoolQ", "PIQA", "HellaSwag", "WinoGrande", "ARC-e", "ARC-c"]) + " | Average | WikiText-2 ppl |"
     print(head)
-    print("|" + "---|" * 12)
+    print("|" + "---|" * 11)
     for row, r in rows.items():
         z = r["zero_shot"]
         cells = " | ".join(f"{100 * z[t]['score']:.1f}" for t in TASKS)

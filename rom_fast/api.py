@@ -191,7 +191,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
 
             report = compress_model(model, adapter, calib.input_ids, calib.attention_mask, plan.ranks, options,
                                     progress=tick, block_loader=load_block,
-                                    block_done=lambda i: writer.add(streamed.release_block(i)))
+                                    block_done=lambda i: writer.add(streamed.release_block(i), flush=True))
             last = max((int(n.split(".")[2]) for n in plan.ranks), default=-1)
             for i in range(last + 1, streamed.n_blocks):   # never loaded: copied straight through
                 writer.add(streamed.raw_block(i))

@@ -119,8 +119,9 @@ class StreamedModel:
         prefix = self.block_prefix(i)
         raw = self.index.load(self.index.keys_with_prefix(prefix))
         self._block_dtypes[i] = _storage_dtype(raw)
-        _materialize(self.model.model.layers[i], prefix, {k: v.to(self.dtype) for k, v in raw.items()})
-        del raw
+        # Cast one tensor at a time, dropping each stored copy as it goes.
+        state = {k: raw.pop(k).to(self.dtype) for k in list(raw)}
+        _materialize(self.model.model.layers[i], prefix, state)
 
     def release_block(self, i: int) -> Dict[str, torch.Tensor]:
         """Returns block i's (possibly compressed) tensors in the checkpoint's precision and
@@ -153,11 +154,13 @@ class ShardWriter:
         self.n_shards = 0
         self.total_bytes = 0
 
-    def add(self, tensors: Dict[str, torch.Tensor]) -> None:
+    def add(self, tensors: Dict[str, torch.Tensor], flush: bool = False) -> None:
+        """Queues tensors for the current shard; ``flush=True`` writes it now (a finished
+        block goes to disk at once, so memory does not grow with the number of blocks)."""
         for k, v in tensors.items():
             self.pending[k] = v
             self.pending_bytes += v.numel() * v.element_size()
-        if self.pending_bytes >= self.max_shard_bytes:
+        if flush or self.pending_bytes >= self.max_shard_bytes:
             self.flush()
 
     def flush(self) -> None:

@@ -129,7 +129,7 @@ def test_non_finite_raised_from_openmp_region_leaves_state_unchanged():
 
 
 def test_long_chunk_is_checked_whole_before_any_of_it_counts():
-    # 15000 rows at d = 576 span several internal blocks; the bad row is in the last one.
+    # A long chunk (several float32 staging blocks at d = 576); the bad row is in its last one.
     d = 576
     x = np.random.default_rng(3).standard_normal((15000, d)).astype(np.float32)
     acc = rom_fast.GramAccumulator(d)

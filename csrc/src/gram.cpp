@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <type_traits>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -25,12 +24,6 @@ namespace {
 // memory. The token split does not change the result beyond float64 rounding.
 index_t staging_rows(index_t dim) { return std::max<index_t>(1024, (index_t{1} << 22) / dim); }
 
-// Up to this dimension a chunk longer than one staging block is scanned and multiplied block by
-// block through a scratch Gram (d^2 doubles, 32 MiB at 2048): X is then read from memory once
-// instead of twice, which is most of the gap to a bare dsyrk at small d. Above it the product
-// dwarfs the scan and the scratch would cost real memory.
-constexpr index_t kBlockwiseMaxDim = 2048;
-
 }  // namespace
 
 GramAccumulator::GramAccumulator(index_t dim) : dim_(dim) {
@@ -43,8 +36,7 @@ GramAccumulator::GramAccumulator(index_t dim) : dim_(dim) {
 // contiguous range of columns and walks the rows in token order, so the sums do not depend on
 // the thread count). Nothing is committed when a value is not finite.
 template <class T>
-void GramAccumulator::scan_chunk(const T* x, index_t n, std::vector<double>& sums,
-                                 index_t first_row) const {
+void GramAccumulator::scan_chunk(const T* x, index_t n, std::vector<double>& sums) const {
   const index_t d = dim_;
   sums.assign(static_cast<std::size_t>(d), 0.0);
   double* out = sums.data();
@@ -64,7 +56,7 @@ void GramAccumulator::scan_chunk(const T* x, index_t n, std::vector<double>& sum
       }
       // A NaN or infinity anywhere in a column makes its sum non-finite; then find it.
       for (index_t j = lo; j < hi; ++j) {
-        if (!std::isfinite(out[j])) detail::require_finite(x, n, d, d, "x", first_row);
+        if (!std::isfinite(out[j])) detail::require_finite(x, n, d, d, "x");
       }
     });
   }
@@ -76,76 +68,40 @@ void GramAccumulator::commit(const std::vector<double>& sums, index_t n) {
   count_ += n;
 }
 
-void GramAccumulator::accumulate_f64(const double* x, index_t n, index_t ld, double* target) {
+void GramAccumulator::accumulate_f64(const double* x, index_t n, index_t ld) {
   // Row-major X (n x d) is column-major X^T (d x n): X^T X = (X^T)(X^T)^T = syrk('N').
   const blas_int bn = to_blas(dim_, "dim"), bk = to_blas(n, "rows"), blda = to_blas(ld, "ld");
   const double one = 1.0;
-  dsyrk_f("U", "N", &bn, &bk, &one, x, &blda, &one, target, &bn, 1, 1);
+  dsyrk_f("U", "N", &bn, &bk, &one, x, &blda, &one, upper_.data(), &bn, 1, 1);
 }
 
-// n rows of x as float64: x itself, or float32 widened (exactly) into staging_.
-template <>
-const double* GramAccumulator::as_f64(const double* x, index_t) {
-  return x;
-}
-
-template <>
-const double* GramAccumulator::as_f64(const float* x, index_t n) {
-  const index_t total = n * dim_;
-  staging_.resize(static_cast<std::size_t>(total));
-  double* dst = staging_.data();
-#pragma omp parallel for schedule(static)
-  for (index_t i = 0; i < total; ++i) dst[i] = static_cast<double>(x[i]);
-  return dst;
-}
-
-template <class T>
-void GramAccumulator::update_blockwise(const T* x, index_t n) {
-  const index_t d = dim_, block = staging_rows(d);
-  // The chunk's product, added to the Gram only once all of the chunk is known finite.
-  std::vector<double> pending(static_cast<std::size_t>(d * d), 0.0);
-  std::vector<double> sums(static_cast<std::size_t>(d), 0.0), part;
-  for (index_t start = 0; start < n; start += block) {
-    const index_t rows = std::min(block, n - start);
-    const T* src = x + start * d;
-    scan_chunk(src, rows, part, start);  // throws with the Gram untouched
-    for (index_t j = 0; j < d; ++j) sums[j] += part[j];
-    accumulate_f64(as_f64(src, rows), rows, d, pending.data());
-  }
-  double* up = upper_.data();
-  const double* add = pending.data();
-#pragma omp parallel for schedule(static)
-  for (index_t j = 0; j < d; ++j) {
-    for (index_t i = 0; i <= j; ++i) up[j * d + i] += add[j * d + i];
-  }
-  commit(sums, n);
-}
-
-template <class T>
-void GramAccumulator::update_chunk(const T* x, index_t n) {
+void GramAccumulator::update(const double* x, index_t n) {
   require(n >= 0, "GramAccumulator.update: negative row count");
   if (n == 0) return;
-  const index_t block = staging_rows(dim_);
-  if (n > block && dim_ <= kBlockwiseMaxDim) {
-    update_blockwise(x, n);
-    return;
-  }
   std::vector<double> sums;
   scan_chunk(x, n, sums);  // throws before anything is modified
-  if constexpr (std::is_same_v<T, double>) {
-    accumulate_f64(x, n, dim_, upper_.data());  // one call: dsyrk is fastest on long chunks
-  } else {
-    for (index_t start = 0; start < n; start += block) {
-      const index_t rows = std::min(block, n - start);
-      accumulate_f64(as_f64(x + start * dim_, rows), rows, dim_, upper_.data());
-    }
-  }
+  accumulate_f64(x, n, dim_);
   commit(sums, n);
 }
 
-void GramAccumulator::update(const double* x, index_t n) { update_chunk(x, n); }
-
-void GramAccumulator::update(const float* x, index_t n) { update_chunk(x, n); }
+void GramAccumulator::update(const float* x, index_t n) {
+  require(n >= 0, "GramAccumulator.update: negative row count");
+  if (n == 0) return;
+  std::vector<double> sums;
+  scan_chunk(x, n, sums);
+  const index_t block = std::min(n, staging_rows(dim_));
+  staging_.resize(static_cast<std::size_t>(block * dim_));
+  for (index_t start = 0; start < n; start += block) {
+    const index_t rows = std::min(block, n - start);
+    const float* src = x + start * dim_;
+    double* dst = staging_.data();
+    const index_t total = rows * dim_;
+#pragma omp parallel for schedule(static)
+    for (index_t i = 0; i < total; ++i) dst[i] = static_cast<double>(src[i]);
+    accumulate_f64(dst, rows, dim_);
+  }
+  commit(sums, n);
+}
 
 void GramAccumulator::merge(const GramAccumulator& other) {
   require(other.dim_ == dim_, "GramAccumulator.merge: dim mismatch (" + std::to_string(dim_) +

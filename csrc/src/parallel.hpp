@@ -35,8 +35,7 @@ class ParallelErrors {
 /// Throws std::invalid_argument naming `what` if any of the n x d row-major values
 /// (leading dimension ld) is NaN or infinite. Checked in parallel over rows.
 template <class T>
-void require_finite(const T* x, index_t n, index_t d, index_t ld, const char* what,
-                    index_t first_row = 0) {
+void require_finite(const T* x, index_t n, index_t d, index_t ld, const char* what) {
   ParallelErrors errors;
 #pragma omp parallel for schedule(static)
   for (index_t i = 0; i < n; ++i) {
@@ -45,7 +44,7 @@ void require_finite(const T* x, index_t n, index_t d, index_t ld, const char* wh
       for (index_t j = 0; j < d; ++j) {
         if (!std::isfinite(row[j])) {
           throw std::invalid_argument(std::string(what) + " has a non-finite value at row " +
-                                      std::to_string(first_row + i) + ", column " + std::to_string(j));
+                                      std::to_string(i) + ", column " + std::to_string(j));
         }
       }
     });

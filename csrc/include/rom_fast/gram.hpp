@@ -47,15 +47,9 @@ class GramAccumulator {
 
  private:
   template <class T>
-  void scan_chunk(const T* x, index_t n, std::vector<double>& sums, index_t first_row = 0) const;
+  void scan_chunk(const T* x, index_t n, std::vector<double>& sums) const;
   void commit(const std::vector<double>& sums, index_t n);
-  void accumulate_f64(const double* x, index_t n, index_t ld, double* target);
-  template <class T>
-  const double* as_f64(const T* x, index_t n);
-  template <class T>
-  void update_blockwise(const T* x, index_t n);
-  template <class T>
-  void update_chunk(const T* x, index_t n);
+  void accumulate_f64(const double* x, index_t n, index_t ld);
 
   index_t dim_;
   index_t count_ = 0;
