@@ -118,14 +118,15 @@ def _seconds(fn, x: torch.Tensor, repeat: int) -> float:
 
 
 @torch.inference_mode()
-def choose_execution(model: nn.Module, tokens: int = 1, repeat: int = 20) -> Dict[str, str]:
-    """Keeps each LowRankLinear as two linears only where that is measured faster than its dense
-    merge ``W1 W2`` for inputs of ``tokens`` rows (1: decoding; e.g. 512: prefill); the others
-    are merged in place. Layers of one shape and rank are timed once. Returns
-    ``{module name: "two-linears" | "merged"}``.
+def choose_execution(model: nn.Module, tokens: int = 1, repeat: int = 50,
+                     margin: float = 0.1) -> Dict[str, str]:
+    """Keeps each LowRankLinear as two linears unless its dense merge ``W1 W2`` is measured
+    faster by more than ``margin`` (relative) for inputs of ``tokens`` rows (1: decoding; e.g.
+    512: prefill); those are merged in place. Layers of one shape and rank are timed once (best
+    of ``repeat``). Returns ``{module name: "two-linears" | "merged"}``.
 
-    Merging gives back the parameters a layer saved, so it is only chosen where the factors are
-    slower, which happens for small layers whose matmuls are dominated by per-call overhead.
+    Merging gives back the parameters a layer saved, so it needs a clear win: it happens for
+    small layers whose matmuls are dominated by per-call overhead.
     """
     choice: Dict[tuple, str] = {}
     result: Dict[str, str] = {}
@@ -138,7 +139,7 @@ def choose_execution(model: nn.Module, tokens: int = 1, repeat: int = 20) -> Dic
             w = module.merged_weight()
             two = _seconds(module, x, repeat)
             merged = _seconds(lambda t: nn.functional.linear(t, w), x, repeat)
-            choice[key] = "two-linears" if two <= merged else "merged"
+            choice[key] = "merged" if merged * (1 + margin) < two else "two-linears"
         result[name] = choice[key]
     merge_lowrank(model, [n for n, c in result.items() if c == "merged"])
     return result

@@ -142,8 +142,8 @@ class BlockCompressor:
         self._scratch: Dict[tuple, torch.Tensor] = {}
 
     def _scratch_batches(self, hiddens: List[torch.Tensor], width: int) -> List[torch.Tensor]:
-        """Views of one (tokens × width) buffer shaped like ``hiddens``, reused while its shape
-        fits: the attention outputs, then the dense down outputs."""
+        """Views of one reusable (tokens × width) buffer shaped like ``hiddens``: the attention
+        outputs, then the dense down outputs, of every block live in the same memory."""
         n = sum(h.shape[0] for h in hiddens)
         key = (n,) + tuple(hiddens[0].shape[1:-1]) + (width, hiddens[0].dtype)
         if key not in self._scratch:
@@ -226,9 +226,6 @@ class BlockCompressor:
             for h, o in zip(hiddens, attn_out):
                 h.add_(out_proj(o.float()))
         del attn_out
-        # Nothing lives in the scratch until the down outputs: give it back to the OS before the
-        # block's largest factorizations (gate/up), where peak memory is set for big models.
-        self._scratch.clear()
 
         # 3. gate/up from the MLP input.
         if any(n in ranks for n in stages[2].linears):

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "blas_lapack.hpp"
 #include "eigen_internal.hpp"
@@ -37,7 +38,8 @@ std::vector<double> widen(const float* x, index_t n) {
   return out;
 }
 
-void check_layer(const double* weight, index_t d_out, index_t d_in, const double* bias,
+template <class T>
+void check_layer(const T* weight, index_t d_out, index_t d_in, const double* bias,
                  index_t rank) {
   require(d_out >= 1 && d_in >= 1, "weight must have positive dimensions, got " +
                                        std::to_string(d_out) + " x " + std::to_string(d_in));
@@ -49,7 +51,8 @@ void check_layer(const double* weight, index_t d_out, index_t d_in, const double
 }
 
 // B = W~ F  (d_out x k, column-major), W~ = [W, bias] when the factor is augmented.
-std::vector<double> project_weight(const double* weight, index_t m, index_t n, const double* bias,
+template <class T>
+std::vector<double> project_weight(const T* weight, index_t m, index_t n, const double* bias,
                                    const InputFactor& f) {
   const index_t p = f.rows(), k = f.rank();
   const std::vector<index_t>& perm = f.perm();
@@ -60,7 +63,7 @@ std::vector<double> project_weight(const double* weight, index_t m, index_t n, c
     const index_t src = perm[i];
     double* col = wp.data() + i * m;
     if (src < n) {
-      for (index_t row = 0; row < m; ++row) col[row] = weight[row * n + src];
+      for (index_t row = 0; row < m; ++row) col[row] = static_cast<double>(weight[row * n + src]);
     } else {
       for (index_t row = 0; row < m; ++row) col[row] = bias ? bias[row] : 0.0;
     }
@@ -220,37 +223,57 @@ InputFactor::InputFactor(const double* gram, index_t dim, const double* colsum, 
   }
 }
 
-LowRankFactors factorize_layer(const double* weight, index_t d_out, index_t d_in,
-                               const double* bias, const InputFactor& factor, index_t rank,
-                               EigenMethod method) {
+namespace {
+
+// Float32 weights are read directly by the projection and widened to float64 only for the
+// final V_r W product, after the projection and eigensolver buffers are freed: for an
+// 11008 x 4096 gate_proj that keeps 360 MB out of the factorization's peak.
+template <class T>
+LowRankFactors factorize_layer_impl(const T* weight, index_t d_out, index_t d_in,
+                                    const double* bias, const InputFactor& factor, index_t rank,
+                                    EigenMethod method) {
   check_layer(weight, d_out, d_in, bias, rank);
   require(factor.dim() == d_in, "factor dimension " + std::to_string(factor.dim()) +
                                     " does not match the weight's d_in " + std::to_string(d_in));
   require(!bias || factor.with_bias() || factor.centering() == Centering::Centered,
           "the layer has a bias: build its InputFactor with_bias=true (or centred)");
   LowRankFactors out;
-  const std::vector<double> b = project_weight(weight, d_out, d_in, bias, factor);
+  std::vector<double> b = project_weight(weight, d_out, d_in, bias, factor);
   const std::vector<double> vr =
       output_eigenvectors(b, d_out, factor.rank(), rank, method, out);
+  std::vector<double>().swap(b);
   std::vector<double> mean_out;
   if (factor.centering() == Centering::Centered) {
     mean_out.assign(static_cast<std::size_t>(d_out), 0.0);
     for (index_t j = 0; j < d_out; ++j) {
       double s = bias ? bias[j] : 0.0;
-      for (index_t i = 0; i < d_in; ++i) s += weight[j * d_in + i] * factor.mean()[i];
+      for (index_t i = 0; i < d_in; ++i) s += static_cast<double>(weight[j * d_in + i]) * factor.mean()[i];
       mean_out[j] = s;
     }
   }
-  assemble(weight, d_out, d_in, bias, vr, rank, mean_out.empty() ? nullptr : mean_out.data(), out);
+  const double* mean = mean_out.empty() ? nullptr : mean_out.data();
+  if constexpr (std::is_same_v<T, double>) {
+    assemble(weight, d_out, d_in, bias, vr, rank, mean, out);
+  } else {
+    const std::vector<double> w = widen(weight, d_out * d_in);
+    assemble(w.data(), d_out, d_in, bias, vr, rank, mean, out);
+  }
   return out;
+}
+
+}  // namespace
+
+LowRankFactors factorize_layer(const double* weight, index_t d_out, index_t d_in,
+                               const double* bias, const InputFactor& factor, index_t rank,
+                               EigenMethod method) {
+  return factorize_layer_impl(weight, d_out, d_in, bias, factor, rank, method);
 }
 
 LowRankFactors factorize_layer(const float* weight, index_t d_out, index_t d_in, const float* bias,
                                const InputFactor& factor, index_t rank, EigenMethod method) {
   require(d_out >= 1 && d_in >= 1, "weight must have positive dimensions");
-  const std::vector<double> w = widen(weight, d_out * d_in);
   const std::vector<double> b = bias ? widen(bias, d_out) : std::vector<double>{};
-  return factorize_layer(w.data(), d_out, d_in, bias ? b.data() : nullptr, factor, rank, method);
+  return factorize_layer_impl(weight, d_out, d_in, bias ? b.data() : nullptr, factor, rank, method);
 }
 
 LowRankFactors factorize_layer_output_gram(const double* weight, index_t d_out, index_t d_in,
