@@ -68,6 +68,16 @@ def _materialize(module: nn.Module, prefix: str, tensors: Dict[str, torch.Tensor
     module.load_state_dict(state, strict=False, assign=True)
 
 
+def release_freed_memory() -> None:
+    """Returns freed heap pages to the OS (glibc keeps them otherwise, and the heap of a long
+    streamed run then grows block after block through fragmentation). No-op elsewhere."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _storage_dtype(tensors: Dict[str, torch.Tensor]) -> torch.dtype:
     """The precision most of a block's weights are stored in (its largest tensor's)."""
     return max(tensors.values(), key=lambda t: t.numel()).dtype
@@ -131,6 +141,7 @@ class StreamedModel:
         dtype = self._block_dtypes.pop(i)
         state = {prefix + k: v.detach().to(dtype).contiguous() for k, v in block.state_dict().items()}
         block.to_empty(device="meta")
+        release_freed_memory()
         return state
 
     def outer_state(self) -> Dict[str, torch.Tensor]:
