@@ -19,7 +19,7 @@ from rom_fast.calibration import calibration_tokens, default_calibration, defaul
 from rom_fast.checkpoint import atomic_directory, load, save_compressed, write_metadata
 from rom_fast.lowrank import merge_lowrank
 from rom_fast.models import load_model
-from rom_fast.pipeline import ACTIVATION_DTYPES, CompressionOptions, CompressionReport, compress_model
+from rom_fast.pipeline import CompressionOptions, CompressionReport, compress_model
 from rom_fast.streaming import ShardWriter, StreamedModel
 
 def peak_rss_bytes() -> int:
@@ -112,11 +112,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
         halves the largest buffers (1 GiB each for a 7B model at 512 x 128 tokens) at ~0.1%
         perplexity on SmolLM2-135M.
     """
-    if isinstance(activation_dtype, str):
-        if activation_dtype not in ACTIVATION_DTYPES:
-            raise ValueError(f"activation_dtype must be one of {sorted(ACTIVATION_DTYPES)}, "
-                             f"got {activation_dtype!r}")
-        activation_dtype = ACTIVATION_DTYPES[activation_dtype]
+    options = CompressionOptions(centered=centered, batch_size=batch_size, activation_dtype=activation_dtype)
     t0 = time.perf_counter()
     source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
     streamed = None
@@ -159,7 +155,6 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
             bar.n = done
             bar.refresh()
 
-    options = CompressionOptions(centered=centered, batch_size=batch_size, activation_dtype=activation_dtype)
     command = command or " ".join(shlex.quote(a) for a in sys.argv)
 
     def finish(report: CompressionReport):
@@ -172,7 +167,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
             "seconds": dict(report.seconds), "peak_rss_bytes": peak_rss_bytes(),
             "calibration": calib.description, "n_tokens": int(calib.attention_mask.sum()),
             "centered": centered, "streamed": streamed is not None,
-            "activation_dtype": str(activation_dtype).replace("torch.", ""),
+            "activation_dtype": str(options.activation_dtype).replace("torch.", ""),
         }
         metadata = {"plan": plan.to_json(), "summary": summary, "command": command, "source": source,
                     "layer_energy": {r.name: r.retained_energy for r in report.layers},

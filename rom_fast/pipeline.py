@@ -18,7 +18,7 @@ import contextlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Union
 
 import torch
 from torch import nn
@@ -37,14 +37,16 @@ class CompressionOptions:
     batch_size: int = 8             # calibration sequences per forward (16 raised peak RSS by 0.24 GB, same speed)
     eigen_method: str = "auto"
     # Precision the calibration activations (block inputs and per-block scratch) are *stored*
-    # in; all arithmetic stays float32. float16 halves the largest buffers at ~0.1% perplexity
-    # (bench/README.md); bfloat16 has float32's range but costs ~0.6%.
-    activation_dtype: torch.dtype = torch.float32
+    # in, a torch dtype or its name; all arithmetic stays float32. Half precision halves the
+    # largest buffers at ≤ 1.5% perplexity either way (bench/README.md, "Activation precision").
+    activation_dtype: Union[str, torch.dtype] = torch.float32
 
     def __post_init__(self):
-        if self.activation_dtype not in ACTIVATION_DTYPES.values():
+        dtype = ACTIVATION_DTYPES.get(self.activation_dtype, self.activation_dtype)
+        if dtype not in ACTIVATION_DTYPES.values():
             raise ValueError(f"activation_dtype must be one of {sorted(ACTIVATION_DTYPES)}, "
-                             f"got {self.activation_dtype}")
+                             f"got {self.activation_dtype!r}")
+        self.activation_dtype = dtype
 
 
 @dataclass

@@ -98,8 +98,7 @@ class StreamedModel:
         self._block_dtypes: Dict[int, torch.dtype] = {}
         self._check_outer()
         embed = self.model.get_input_embeddings()
-        self._embed_name = next(n for n, m in self.model.named_modules() if m is embed)
-        prefix = self._embed_name + "."
+        prefix = next(n for n, m in self.model.named_modules() if m is embed) + "."
         _materialize(embed, prefix, self.index.load(self.index.keys_with_prefix(prefix), dtype))
 
     def _tied(self) -> bool:

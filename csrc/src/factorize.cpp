@@ -4,7 +4,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
-#include <type_traits>
 
 #include "blas_lapack.hpp"
 #include "eigen_internal.hpp"
@@ -131,6 +130,16 @@ void assemble(const double* weight, index_t m, index_t n, const double* bias,
   }
 }
 
+// V_r W is a float64 product: float32 weights are widened only here, after the caller's
+// projection and eigensolver buffers are gone (for an 11008 x 4096 layer, 360 MB kept out of
+// the factorization's peak).
+void assemble(const float* weight, index_t m, index_t n, const double* bias,
+              const std::vector<double>& vr, index_t r, const double* mean_out,
+              LowRankFactors& out) {
+  const std::vector<double> w = widen(weight, m * n);
+  assemble(w.data(), m, n, bias, vr, r, mean_out, out);
+}
+
 // Top-r eigenvectors of C_y = B B^T (V_r, r x d_out row-major) and their eigenvalues, solving
 // in min(d_out, k) dimensions.
 std::vector<double> output_eigenvectors(const std::vector<double>& b, index_t m, index_t k,
@@ -225,9 +234,7 @@ InputFactor::InputFactor(const double* gram, index_t dim, const double* colsum, 
 
 namespace {
 
-// Float32 weights are read directly by the projection and widened to float64 only for the
-// final V_r W product, after the projection and eigensolver buffers are freed: for an
-// 11008 x 4096 gate_proj that keeps 360 MB out of the factorization's peak.
+// Float32 weights are read as they are by the projection; see assemble(const float*, ...).
 template <class T>
 LowRankFactors factorize_layer_impl(const T* weight, index_t d_out, index_t d_in,
                                     const double* bias, const InputFactor& factor, index_t rank,
@@ -251,13 +258,7 @@ LowRankFactors factorize_layer_impl(const T* weight, index_t d_out, index_t d_in
       mean_out[j] = s;
     }
   }
-  const double* mean = mean_out.empty() ? nullptr : mean_out.data();
-  if constexpr (std::is_same_v<T, double>) {
-    assemble(weight, d_out, d_in, bias, vr, rank, mean, out);
-  } else {
-    const std::vector<double> w = widen(weight, d_out * d_in);
-    assemble(w.data(), d_out, d_in, bias, vr, rank, mean, out);
-  }
+  assemble(weight, d_out, d_in, bias, vr, rank, mean_out.empty() ? nullptr : mean_out.data(), out);
   return out;
 }
 
@@ -276,11 +277,13 @@ LowRankFactors factorize_layer(const float* weight, index_t d_out, index_t d_in,
   return factorize_layer_impl(weight, d_out, d_in, bias ? b.data() : nullptr, factor, rank, method);
 }
 
-LowRankFactors factorize_layer_output_gram(const double* weight, index_t d_out, index_t d_in,
-                                           const double* bias, const double* gram_out,
-                                           const double* colsum_out, double count,
-                                           Centering centering, index_t rank,
-                                           EigenMethod method) {
+namespace {
+
+template <class T>
+LowRankFactors factorize_output_gram_impl(const T* weight, index_t d_out, index_t d_in,
+                                          const double* bias, const double* gram_out,
+                                          const double* colsum_out, double count,
+                                          Centering centering, index_t rank, EigenMethod method) {
   check_layer(weight, d_out, d_in, bias, rank);
   detail::require_symmetric(gram_out, d_out, "gram_out");
   std::vector<double> c(gram_out, gram_out + d_out * d_out);
@@ -301,8 +304,20 @@ LowRankFactors factorize_layer_output_gram(const double* weight, index_t d_out, 
   out.eigenvalues.assign(static_cast<std::size_t>(rank), 0.0);
   std::vector<double> vr(static_cast<std::size_t>(rank * d_out));
   timed_top_eigenpairs(c.data(), d_out, rank, out.eigenvalues.data(), vr.data(), method, out);
+  std::vector<double>().swap(c);
   assemble(weight, d_out, d_in, bias, vr, rank, mean_out.empty() ? nullptr : mean_out.data(), out);
   return out;
+}
+
+}  // namespace
+
+LowRankFactors factorize_layer_output_gram(const double* weight, index_t d_out, index_t d_in,
+                                           const double* bias, const double* gram_out,
+                                           const double* colsum_out, double count,
+                                           Centering centering, index_t rank,
+                                           EigenMethod method) {
+  return factorize_output_gram_impl(weight, d_out, d_in, bias, gram_out, colsum_out, count,
+                                    centering, rank, method);
 }
 
 LowRankFactors factorize_layer_output_gram(const float* weight, index_t d_out, index_t d_in,
@@ -311,10 +326,9 @@ LowRankFactors factorize_layer_output_gram(const float* weight, index_t d_out, i
                                            Centering centering, index_t rank,
                                            EigenMethod method) {
   require(d_out >= 1 && d_in >= 1, "weight must have positive dimensions");
-  const std::vector<double> w = widen(weight, d_out * d_in);
   const std::vector<double> b = bias ? widen(bias, d_out) : std::vector<double>{};
-  return factorize_layer_output_gram(w.data(), d_out, d_in, bias ? b.data() : nullptr, gram_out,
-                                     colsum_out, count, centering, rank, method);
+  return factorize_output_gram_impl(weight, d_out, d_in, bias ? b.data() : nullptr, gram_out,
+                                    colsum_out, count, centering, rank, method);
 }
 
 std::vector<double> output_spectrum(const double* weight, index_t d_out, index_t d_in,
