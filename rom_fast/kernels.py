@@ -36,7 +36,9 @@ def top_eigenpairs(sym, r: int, method: str = "auto"):
     """The ``r`` largest eigenpairs of a symmetric float64 matrix.
 
     Returns ``(values, vectors)``: values descending (r,), vectors ``r × dim`` (row i is the
-    unit eigenvector of values[i]). ``method``: "auto", "syevd" (all pairs) or "syevr" (subset).
+    unit eigenvector of values[i]). ``method``: "auto", "stedc" (divide and conquer,
+    back-transforming only the r kept vectors), "syevd" (LAPACK's driver, all vectors) or
+    "syevr" (LAPACK's subset driver).
     """
     return _core.top_eigenpairs(as_array(sym, "sym"), r, method)
 

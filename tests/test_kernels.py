@@ -175,7 +175,7 @@ def sym_with_decay(rng, d):
 
 
 @pytest.mark.parametrize("d", [5, 192, 576, 1536])
-@pytest.mark.parametrize("method", ["auto", "syevd", "syevr"])
+@pytest.mark.parametrize("method", ["auto", "stedc", "syevd", "syevr"])
 def test_top_eigenpairs_match_scipy(d, method):
     rng = np.random.default_rng(d)
     a = sym_with_decay(rng, d)

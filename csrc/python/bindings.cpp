@@ -56,7 +56,8 @@ rom_fast::EigenMethod parse_method(const std::string& m) {
   if (m == "auto") return rom_fast::EigenMethod::Auto;
   if (m == "syevd") return rom_fast::EigenMethod::Syevd;
   if (m == "syevr") return rom_fast::EigenMethod::Syevr;
-  throw py::value_error("method must be 'auto', 'syevd' or 'syevr', got '" + m + "'");
+  if (m == "stedc") return rom_fast::EigenMethod::Stedc;
+  throw py::value_error("method must be 'auto', 'stedc', 'syevd' or 'syevr', got '" + m + "'");
 }
 
 py::dict factors_to_dict(const rom_fast::LowRankFactors& f) {

@@ -48,6 +48,9 @@ inline blas_int to_blas(index_t v, const char* what) {
 #define dtrmm_f ROM_FAST_F77(dtrmm)
 #define dsyevd_f ROM_FAST_F77(dsyevd)
 #define dsyevr_f ROM_FAST_F77(dsyevr)
+#define dsytrd_f ROM_FAST_F77(dsytrd)
+#define dstedc_f ROM_FAST_F77(dstedc)
+#define dormtr_f ROM_FAST_F77(dormtr)
 #define dpstrf_f ROM_FAST_F77(dpstrf)
 
 extern "C" {
@@ -78,6 +81,16 @@ void dsyevr_f(const char* jobz, const char* range, const char* uplo, const blas_
               const blas_int* ldz, blas_int* isuppz, double* work, const blas_int* lwork,
               blas_int* iwork, const blas_int* liwork, blas_int* info, fortran_len, fortran_len,
               fortran_len);
+void dsytrd_f(const char* uplo, const blas_int* n, double* a, const blas_int* lda, double* d,
+              double* e, double* tau, double* work, const blas_int* lwork, blas_int* info,
+              fortran_len);
+void dstedc_f(const char* compz, const blas_int* n, double* d, double* e, double* z,
+              const blas_int* ldz, double* work, const blas_int* lwork, blas_int* iwork,
+              const blas_int* liwork, blas_int* info, fortran_len);
+void dormtr_f(const char* side, const char* uplo, const char* trans, const blas_int* m,
+              const blas_int* n, const double* a, const blas_int* lda, const double* tau,
+              double* c, const blas_int* ldc, double* work, const blas_int* lwork, blas_int* info,
+              fortran_len, fortran_len, fortran_len);
 void dpstrf_f(const char* uplo, const blas_int* n, double* a, const blas_int* lda, blas_int* piv,
               blas_int* rank, const double* tol, double* work, blas_int* info, fortran_len);
 }

@@ -16,6 +16,9 @@ using detail::to_blas;
 
 namespace detail {
 
+// Auto uses syevr for r <= d / kSyevrMaxFraction.
+constexpr index_t kSyevrMaxFraction = 10;
+
 void require_symmetric(const double* a, index_t d, const char* what) {
   require_finite(a, d, d, d, what);
   double scale = 0.0, asym = 0.0;
@@ -30,38 +33,86 @@ void require_symmetric(const double* a, index_t d, const char* what) {
                                     std::to_string(scale) + ")");
 }
 
-// Overwrites the symmetric d x d matrix `work` (destroyed); see top_eigenpairs for outputs.
-void top_eigenpairs_inplace(double* work, index_t d, index_t r, double* values, double* vectors,
-                            EigenMethod method) {
+namespace {
+
+// LAPACK's syevd driver: every eigenvector is back-transformed; the top r are copied out.
+void top_eigenpairs_syevd(double* work, index_t d, index_t r, double* values, double* vectors) {
   const blas_int n = to_blas(d, "d");
   blas_int info = 0;
-  if (method == EigenMethod::Auto) {
-    // MRRR computes only the wanted vectors, but divide and conquer's blocked back-transform
-    // is so much faster per vector that syevd wins beyond r ~ d/5 (bench/README.md: syevr is
-    // 1.4-1.7x faster at r = d/10 and 1.25-1.3x slower at r = 0.3 d, for d = 576..4096).
-    method = (r * 5 <= d) ? EigenMethod::Syevr : EigenMethod::Syevd;
+  std::vector<double> w(static_cast<std::size_t>(d));
+  blas_int lwork = -1, liwork = -1, iwork_query = 0;
+  double work_query = 0.0;
+  dsyevd_f("V", "L", &n, work, &n, w.data(), &work_query, &lwork, &iwork_query, &liwork, &info,
+           1, 1);
+  if (info != 0) throw LapackError("dsyevd (workspace query)", info);
+  lwork = static_cast<blas_int>(work_query);
+  liwork = iwork_query;
+  std::vector<double> lw(static_cast<std::size_t>(lwork));
+  std::vector<blas_int> iw(static_cast<std::size_t>(liwork));
+  dsyevd_f("V", "L", &n, work, &n, w.data(), lw.data(), &lwork, iw.data(), &liwork, &info, 1, 1);
+  if (info != 0) throw LapackError("dsyevd", info);
+  // Ascending in LAPACK; column j (contiguous) is the eigenvector of w[j].
+  for (index_t i = 0; i < r; ++i) {
+    const index_t col = d - 1 - i;
+    values[i] = w[col];
+    std::memcpy(vectors + i * d, work + col * d, sizeof(double) * d);
   }
-  if (method == EigenMethod::Syevd) {
-    std::vector<double> w(static_cast<std::size_t>(d));
-    blas_int lwork = -1, liwork = -1, iwork_query = 0;
-    double work_query = 0.0;
-    dsyevd_f("V", "L", &n, work, &n, w.data(), &work_query, &lwork, &iwork_query, &liwork, &info,
-             1, 1);
-    if (info != 0) throw LapackError("dsyevd (workspace query)", info);
-    lwork = static_cast<blas_int>(work_query);
-    liwork = iwork_query;
-    std::vector<double> lw(static_cast<std::size_t>(lwork));
-    std::vector<blas_int> iw(static_cast<std::size_t>(liwork));
-    dsyevd_f("V", "L", &n, work, &n, w.data(), lw.data(), &lwork, iw.data(), &liwork, &info, 1, 1);
-    if (info != 0) throw LapackError("dsyevd", info);
-    // Ascending in LAPACK; column j (contiguous) is the eigenvector of w[j].
-    for (index_t i = 0; i < r; ++i) {
-      const index_t col = d - 1 - i;
-      values[i] = w[col];
-      std::memcpy(vectors + i * d, work + col * d, sizeof(double) * d);
-    }
-    return;
+}
+
+// syevd's three steps, with the last one cut to what is kept: tridiagonal reduction (sytrd),
+// all eigenpairs of the tridiagonal by divide and conquer (stedc, cheap: O(d^2) to O(d^3)
+// with heavy deflation), then the Householder back-transform (ormtr) of only the r kept
+// vectors. The full back-transform is ~half of syevd's time at d = 4096 (bench/README.md).
+void top_eigenpairs_stedc(double* work, index_t d, index_t r, double* values, double* vectors) {
+  const blas_int n = to_blas(d, "d"), nr = to_blas(r, "r");
+  blas_int info = 0, lwork = -1, liwork = -1, iwork_query = 0;
+  double work_query = 0.0;
+  std::vector<double> diag(static_cast<std::size_t>(d)), off(static_cast<std::size_t>(d)),
+      tau(static_cast<std::size_t>(d));
+  dsytrd_f("L", &n, work, &n, diag.data(), off.data(), tau.data(), &work_query, &lwork, &info, 1);
+  if (info != 0) throw LapackError("dsytrd (workspace query)", info);
+  lwork = static_cast<blas_int>(work_query);
+  std::vector<double> lw(static_cast<std::size_t>(lwork));
+  dsytrd_f("L", &n, work, &n, diag.data(), off.data(), tau.data(), lw.data(), &lwork, &info, 1);
+  if (info != 0) throw LapackError("dsytrd", info);
+
+  std::vector<double> z(static_cast<std::size_t>(d * d));
+  lwork = -1;
+  dstedc_f("I", &n, diag.data(), off.data(), z.data(), &n, &work_query, &lwork, &iwork_query,
+           &liwork, &info, 1);
+  if (info != 0) throw LapackError("dstedc (workspace query)", info);
+  lwork = static_cast<blas_int>(work_query);
+  liwork = std::max<blas_int>(1, iwork_query);
+  lw.assign(static_cast<std::size_t>(lwork), 0.0);
+  std::vector<blas_int> iw(static_cast<std::size_t>(liwork));
+  dstedc_f("I", &n, diag.data(), off.data(), z.data(), &n, lw.data(), &lwork, iw.data(), &liwork,
+           &info, 1);
+  if (info != 0) throw LapackError("dstedc", info);
+  // Ascending: the kept vectors are z's last r columns, copied largest first (column-major
+  // d x r is the row-major r x d output).
+  for (index_t i = 0; i < r; ++i) {
+    const index_t col = d - 1 - i;
+    values[i] = diag[col];
+    std::memcpy(vectors + i * d, z.data() + col * d, sizeof(double) * d);
   }
+  std::vector<double>().swap(z);
+
+  lwork = -1;
+  dormtr_f("L", "L", "N", &n, &nr, work, &n, tau.data(), vectors, &n, &work_query, &lwork, &info,
+           1, 1, 1);
+  if (info != 0) throw LapackError("dormtr (workspace query)", info);
+  lwork = static_cast<blas_int>(work_query);
+  lw.assign(static_cast<std::size_t>(lwork), 0.0);
+  dormtr_f("L", "L", "N", &n, &nr, work, &n, tau.data(), vectors, &n, lw.data(), &lwork, &info,
+           1, 1, 1);
+  if (info != 0) throw LapackError("dormtr", info);
+}
+
+// LAPACK's syevr driver for a subset. For an index range it does not use MRRR but bisection
+// and inverse iteration, which is why it loses beyond small r.
+void top_eigenpairs_syevr(double* work, index_t d, index_t r, double* values, double* vectors) {
+  const blas_int n = to_blas(d, "d");
+  blas_int info = 0;
   const blas_int il = to_blas(d - r + 1, "il"), iu = n;
   const double vl = 0.0, vu = 0.0, abstol = 0.0;
   blas_int found = 0;
@@ -85,6 +136,22 @@ void top_eigenpairs_inplace(double* work, index_t d, index_t r, double* values, 
     const index_t col = r - 1 - i;
     values[i] = w[col];
     std::memcpy(vectors + i * d, z.data() + col * d, sizeof(double) * d);
+  }
+}
+
+}  // namespace
+
+// Overwrites the symmetric d x d matrix `work` (destroyed); see top_eigenpairs for outputs.
+void top_eigenpairs_inplace(double* work, index_t d, index_t r, double* values, double* vectors,
+                            EigenMethod method) {
+  if (method == EigenMethod::Auto) {
+    // The measured crossover (bench/README.md, `bench_kernels.py eigen`).
+    method = (r * kSyevrMaxFraction <= d) ? EigenMethod::Syevr : EigenMethod::Stedc;
+  }
+  switch (method) {
+    case EigenMethod::Syevd: return top_eigenpairs_syevd(work, d, r, values, vectors);
+    case EigenMethod::Syevr: return top_eigenpairs_syevr(work, d, r, values, vectors);
+    default: return top_eigenpairs_stedc(work, d, r, values, vectors);
   }
 }
 

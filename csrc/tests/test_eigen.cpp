@@ -33,7 +33,7 @@ int main() {
   for (index_t i = 0; i < d; ++i) lam[i] = std::pow(0.8, static_cast<double>(i));  // 1 .. 2e-6
   const auto a = spd_with_spectrum(lam, 7);
   for (auto method : {rom_fast::EigenMethod::Syevd, rom_fast::EigenMethod::Syevr,
-                      rom_fast::EigenMethod::Auto}) {
+                      rom_fast::EigenMethod::Stedc, rom_fast::EigenMethod::Auto}) {
     for (index_t r : {index_t{1}, index_t{10}, d}) {
       std::vector<double> vals(r), vecs(r * d);
       rom_fast::top_eigenpairs(a.data(), d, r, vals.data(), vecs.data(), method);

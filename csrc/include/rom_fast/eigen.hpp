@@ -8,9 +8,10 @@
 namespace rom_fast {
 
 enum class EigenMethod {
-  Auto,   ///< syevr when r <= d/5, else syevd (the measured crossover, bench/README.md)
-  Syevd,  ///< divide and conquer, all eigenpairs
+  Auto,   ///< syevr when r <= d/10, else stedc (the measured crossover, bench/README.md)
+  Syevd,  ///< LAPACK's divide-and-conquer driver: all eigenvectors back-transformed
   Syevr,  ///< MRRR, only the requested r eigenpairs
+  Stedc,  ///< syevd's steps (sytrd, stedc), back-transforming only the r kept vectors
 };
 
 /// The r largest eigenpairs of the symmetric d x d matrix `a` (row-major; only symmetry
