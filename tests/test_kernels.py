@@ -280,6 +280,23 @@ def test_factorize_llama7b_shapes_fewer_tokens_than_inputs(d_out, d_in, n):
     np.testing.assert_allclose(f.w2, exact.w2, rtol=0, atol=1e-6 * np.abs(exact.w2).max())
 
 
+def test_float32_weight_widened_in_row_bands_matches_float64():
+    """d_out = 2500 spans three 1024-row widening bands (the last one partial), both routes."""
+    rng = np.random.default_rng(11)
+    d_out, d_in, r = 2500, 48, 20
+    x = activations(rng, 300, d_in)
+    w = (rng.standard_normal((d_out, d_in)) / np.sqrt(d_in)).astype(np.float32)
+    w64 = w.astype(np.float64)
+    acc = rom_fast.GramAccumulator(d_in)
+    acc.update(x)
+    y = x @ w64.T
+    for f32, f64 in [(rom_fast.factorize(w, acc, r), rom_fast.factorize(w64, acc, r)),
+                     (rom_fast.factorize_output_gram(w, y.T @ y, r),
+                      rom_fast.factorize_output_gram(w64, y.T @ y, r))]:
+        np.testing.assert_allclose(f32.w2, f64.w2, rtol=0, atol=1e-6 * np.abs(f64.w2).max())
+        np.testing.assert_allclose(f32.w1, f64.w1, rtol=0, atol=1e-6 * np.abs(f64.w1).max())
+
+
 def test_factorize_dead_channels_and_rank_above_data_rank():
     rng = np.random.default_rng(3)
     d_in, d_out = 64, 96

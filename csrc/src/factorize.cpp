@@ -81,20 +81,14 @@ std::vector<double> project_weight(const T* weight, index_t m, index_t n, const 
   return wp;
 }
 
-// Fills w1, w2, b1, b2 of `out` from V_r (r x d_out row-major, i.e. column-major d_out x r).
-// mean_out: the output mean (d_out) in Centered mode, else null.
-void assemble(const double* weight, index_t m, index_t n, const double* bias,
-              const std::vector<double>& vr, index_t r, const double* mean_out,
-              LowRankFactors& out) {
+// Fills w1, b1, b2 and the shapes of `out` from V_r (r x d_out row-major, i.e. column-major
+// d_out x r); w2 is left to the caller. mean_out: the output mean (d_out) in Centered mode,
+// else null.
+void assemble_without_w2(index_t m, index_t n, const double* bias, const std::vector<double>& vr,
+                         index_t r, const double* mean_out, LowRankFactors& out) {
   out.d_out = m;
   out.d_in = n;
   out.rank = r;
-  // W2^T (d_in x r, column-major) = W^T V_r^T: row-major W is column-major W^T (ld d_in).
-  out.w2.assign(static_cast<std::size_t>(r * n), 0.0);
-  const blas_int bm = to_blas(m, "d_out"), bn = to_blas(n, "d_in"), br = to_blas(r, "rank");
-  const double one = 1.0, zero = 0.0;
-  dgemm_f("N", "N", &bn, &br, &bm, &one, weight, &bn, vr.data(), &bm, &zero, out.w2.data(), &bn,
-          1, 1);
   out.w1.assign(static_cast<std::size_t>(m * r), 0.0);
 #pragma omp parallel for schedule(static)
   for (index_t j = 0; j < m; ++j) {
@@ -130,14 +124,43 @@ void assemble(const double* weight, index_t m, index_t n, const double* bias,
   }
 }
 
-// V_r W is a float64 product: float32 weights are widened only here, after the caller's
-// projection and eigensolver buffers are gone (for an 11008 x 4096 layer, 360 MB kept out of
-// the factorization's peak).
+// Fills every factor of `out` from V_r; see assemble_without_w2.
+void assemble(const double* weight, index_t m, index_t n, const double* bias,
+              const std::vector<double>& vr, index_t r, const double* mean_out,
+              LowRankFactors& out) {
+  assemble_without_w2(m, n, bias, vr, r, mean_out, out);
+  // W2^T (d_in x r, column-major) = W^T V_r^T: row-major W is column-major W^T (ld d_in).
+  out.w2.assign(static_cast<std::size_t>(r * n), 0.0);
+  const blas_int bm = to_blas(m, "d_out"), bn = to_blas(n, "d_in"), br = to_blas(r, "rank");
+  const double one = 1.0, zero = 0.0;
+  dgemm_f("N", "N", &bn, &br, &bm, &one, weight, &bn, vr.data(), &bm, &zero, out.w2.data(), &bn,
+          1, 1);
+}
+
+// V_r W is a float64 product: float32 weights are widened here, a band of kWidenRows rows at
+// a time, after the caller's projection and eigensolver buffers are gone. Widening the whole
+// 11008 x 4096 weight would add 360 MB to the factorization's peak; a band adds 34 MB.
+constexpr index_t kWidenRows = 1024;
+
 void assemble(const float* weight, index_t m, index_t n, const double* bias,
               const std::vector<double>& vr, index_t r, const double* mean_out,
               LowRankFactors& out) {
-  const std::vector<double> w = widen(weight, m * n);
-  assemble(w.data(), m, n, bias, vr, r, mean_out, out);
+  // W2^T = sum over row bands of W_band^T V_r[:, band]^T.
+  assemble_without_w2(m, n, bias, vr, r, mean_out, out);
+  const index_t band = std::min(m, kWidenRows);
+  std::vector<double> w(static_cast<std::size_t>(band * n));
+  out.w2.assign(static_cast<std::size_t>(r * n), 0.0);
+  const blas_int bn = to_blas(n, "d_in"), br = to_blas(r, "rank"), bm = to_blas(m, "d_out");
+  const double one = 1.0;
+  for (index_t row0 = 0; row0 < m; row0 += band) {
+    const index_t rows = std::min(band, m - row0);
+#pragma omp parallel for schedule(static)
+    for (index_t i = 0; i < rows * n; ++i) w[i] = static_cast<double>(weight[row0 * n + i]);
+    // W2^T (d_in x r) += W_band^T (d_in x rows) V_r^T[band rows, :] (rows x r, ld d_out).
+    const blas_int brows = to_blas(rows, "rows");
+    dgemm_f("N", "N", &bn, &br, &brows, &one, w.data(), &bn, vr.data() + row0, &bm, &one,
+            out.w2.data(), &bn, 1, 1);
+  }
 }
 
 // Top-r eigenvectors of C_y = B B^T (V_r, r x d_out row-major) and their eigenvalues, solving
