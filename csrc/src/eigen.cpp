@@ -35,6 +35,18 @@ void require_symmetric(const double* a, index_t d, const char* what) {
 
 namespace {
 
+// LAPACK returns eigenpairs ascending: `ascending` holds `count` eigenvalues and `columns` the
+// matching unit eigenvectors as contiguous columns of length d. Copies the r largest out,
+// largest first (row i of the row-major r x d `vectors` is the vector of values[i]).
+void copy_largest_first(const double* ascending, const double* columns, index_t count, index_t d,
+                        index_t r, double* values, double* vectors) {
+  for (index_t i = 0; i < r; ++i) {
+    const index_t col = count - 1 - i;
+    values[i] = ascending[col];
+    std::memcpy(vectors + i * d, columns + col * d, sizeof(double) * d);
+  }
+}
+
 // LAPACK's syevd driver: every eigenvector is back-transformed; the top r are copied out.
 void top_eigenpairs_syevd(double* work, index_t d, index_t r, double* values, double* vectors) {
   const blas_int n = to_blas(d, "d");
@@ -51,12 +63,7 @@ void top_eigenpairs_syevd(double* work, index_t d, index_t r, double* values, do
   std::vector<blas_int> iw(static_cast<std::size_t>(liwork));
   dsyevd_f("V", "L", &n, work, &n, w.data(), lw.data(), &lwork, iw.data(), &liwork, &info, 1, 1);
   if (info != 0) throw LapackError("dsyevd", info);
-  // Ascending in LAPACK; column j (contiguous) is the eigenvector of w[j].
-  for (index_t i = 0; i < r; ++i) {
-    const index_t col = d - 1 - i;
-    values[i] = w[col];
-    std::memcpy(vectors + i * d, work + col * d, sizeof(double) * d);
-  }
+  copy_largest_first(w.data(), work, d, d, r, values, vectors);
 }
 
 // syevd's three steps, with the last one cut to what is kept: tridiagonal reduction (sytrd),
@@ -88,13 +95,8 @@ void top_eigenpairs_stedc(double* work, index_t d, index_t r, double* values, do
   dstedc_f("I", &n, diag.data(), off.data(), z.data(), &n, lw.data(), &lwork, iw.data(), &liwork,
            &info, 1);
   if (info != 0) throw LapackError("dstedc", info);
-  // Ascending: the kept vectors are z's last r columns, copied largest first (column-major
-  // d x r is the row-major r x d output).
-  for (index_t i = 0; i < r; ++i) {
-    const index_t col = d - 1 - i;
-    values[i] = diag[col];
-    std::memcpy(vectors + i * d, z.data() + col * d, sizeof(double) * d);
-  }
+  // The kept vectors, then back-transformed in place (row-major r x d is column-major d x r).
+  copy_largest_first(diag.data(), z.data(), d, d, r, values, vectors);
   std::vector<double>().swap(z);
 
   lwork = -1;
@@ -132,11 +134,7 @@ void top_eigenpairs_syevr(double* work, index_t d, index_t r, double* values, do
            &n, isuppz.data(), lw.data(), &lwork, iw.data(), &liwork, &info, 1, 1, 1);
   if (info != 0) throw LapackError("dsyevr", info);
   if (found != static_cast<blas_int>(r)) throw LapackError("dsyevr (eigenvalue count)", found);
-  for (index_t i = 0; i < r; ++i) {
-    const index_t col = r - 1 - i;
-    values[i] = w[col];
-    std::memcpy(vectors + i * d, z.data() + col * d, sizeof(double) * d);
-  }
+  copy_largest_first(w.data(), z.data(), r, d, r, values, vectors);
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "blas_lapack.hpp"
 #include "eigen_internal.hpp"
@@ -32,8 +33,7 @@ void timed_top_eigenpairs(double* a, index_t d, index_t r, double* values, doubl
 
 std::vector<double> widen(const float* x, index_t n) {
   std::vector<double> out(static_cast<std::size_t>(n));
-#pragma omp parallel for schedule(static)
-  for (index_t i = 0; i < n; ++i) out[i] = static_cast<double>(x[i]);
+  detail::widen_into(x, n, out.data());
   return out;
 }
 
@@ -81,11 +81,17 @@ std::vector<double> project_weight(const T* weight, index_t m, index_t n, const 
   return wp;
 }
 
-// Fills w1, b1, b2 and the shapes of `out` from V_r (r x d_out row-major, i.e. column-major
-// d_out x r); w2 is left to the caller. mean_out: the output mean (d_out) in Centered mode,
-// else null.
-void assemble_without_w2(index_t m, index_t n, const double* bias, const std::vector<double>& vr,
-                         index_t r, const double* mean_out, LowRankFactors& out) {
+// Float32 weights are widened to float64 for V_r W one band of kWidenRows rows at a time,
+// after the caller's projection and eigensolver buffers are gone: widening a whole 11008 x 4096
+// weight would add 360 MB to the factorization's peak, a band adds 34 MB.
+constexpr index_t kWidenRows = 1024;
+
+// Fills w1, w2, b1, b2 of `out` from V_r (r x d_out row-major, i.e. column-major d_out x r).
+// mean_out: the output mean (d_out) in Centered mode, else null.
+template <class T>
+void assemble(const T* weight, index_t m, index_t n, const double* bias,
+              const std::vector<double>& vr, index_t r, const double* mean_out,
+              LowRankFactors& out) {
   out.d_out = m;
   out.d_in = n;
   out.rank = r;
@@ -122,43 +128,25 @@ void assemble_without_w2(index_t m, index_t n, const double* bias, const std::ve
   } else if (bias) {
     out.b2 = project(bias);
   }
-}
-
-// Fills every factor of `out` from V_r; see assemble_without_w2.
-void assemble(const double* weight, index_t m, index_t n, const double* bias,
-              const std::vector<double>& vr, index_t r, const double* mean_out,
-              LowRankFactors& out) {
-  assemble_without_w2(m, n, bias, vr, r, mean_out, out);
-  // W2^T (d_in x r, column-major) = W^T V_r^T: row-major W is column-major W^T (ld d_in).
+  // W2^T (d_in x r, column-major) = W^T V_r^T, summed over row bands of W: row-major W is
+  // column-major W^T (ld d_in); V_r^T's rows of a band start at row0 (ld d_out).
+  constexpr bool is_f64 = std::is_same_v<T, double>;
+  const index_t band = is_f64 ? m : std::min(m, kWidenRows);
+  std::vector<double> staging(is_f64 ? 0 : static_cast<std::size_t>(band * n));
   out.w2.assign(static_cast<std::size_t>(r * n), 0.0);
   const blas_int bm = to_blas(m, "d_out"), bn = to_blas(n, "d_in"), br = to_blas(r, "rank");
-  const double one = 1.0, zero = 0.0;
-  dgemm_f("N", "N", &bn, &br, &bm, &one, weight, &bn, vr.data(), &bm, &zero, out.w2.data(), &bn,
-          1, 1);
-}
-
-// V_r W is a float64 product: float32 weights are widened here, a band of kWidenRows rows at
-// a time, after the caller's projection and eigensolver buffers are gone. Widening the whole
-// 11008 x 4096 weight would add 360 MB to the factorization's peak; a band adds 34 MB.
-constexpr index_t kWidenRows = 1024;
-
-void assemble(const float* weight, index_t m, index_t n, const double* bias,
-              const std::vector<double>& vr, index_t r, const double* mean_out,
-              LowRankFactors& out) {
-  // W2^T = sum over row bands of W_band^T V_r[:, band]^T.
-  assemble_without_w2(m, n, bias, vr, r, mean_out, out);
-  const index_t band = std::min(m, kWidenRows);
-  std::vector<double> w(static_cast<std::size_t>(band * n));
-  out.w2.assign(static_cast<std::size_t>(r * n), 0.0);
-  const blas_int bn = to_blas(n, "d_in"), br = to_blas(r, "rank"), bm = to_blas(m, "d_out");
   const double one = 1.0;
   for (index_t row0 = 0; row0 < m; row0 += band) {
     const index_t rows = std::min(band, m - row0);
-#pragma omp parallel for schedule(static)
-    for (index_t i = 0; i < rows * n; ++i) w[i] = static_cast<double>(weight[row0 * n + i]);
-    // W2^T (d_in x r) += W_band^T (d_in x rows) V_r^T[band rows, :] (rows x r, ld d_out).
+    const double* w = nullptr;
+    if constexpr (is_f64) {
+      w = weight + row0 * n;
+    } else {
+      detail::widen_into(weight + row0 * n, rows * n, staging.data());
+      w = staging.data();
+    }
     const blas_int brows = to_blas(rows, "rows");
-    dgemm_f("N", "N", &bn, &br, &brows, &one, w.data(), &bn, vr.data() + row0, &bm, &one,
+    dgemm_f("N", "N", &bn, &br, &brows, &one, w, &bn, vr.data() + row0, &bm, &one,
             out.w2.data(), &bn, 1, 1);
   }
 }
@@ -257,7 +245,7 @@ InputFactor::InputFactor(const double* gram, index_t dim, const double* colsum, 
 
 namespace {
 
-// Float32 weights are read as they are by the projection; see assemble(const float*, ...).
+// Float32 weights are read as they are by the projection and widened in bands by assemble.
 template <class T>
 LowRankFactors factorize_layer_impl(const T* weight, index_t d_out, index_t d_in,
                                     const double* bias, const InputFactor& factor, index_t rank,

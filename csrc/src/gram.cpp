@@ -93,12 +93,8 @@ void GramAccumulator::update(const float* x, index_t n) {
   staging_.resize(static_cast<std::size_t>(block * dim_));
   for (index_t start = 0; start < n; start += block) {
     const index_t rows = std::min(block, n - start);
-    const float* src = x + start * dim_;
-    double* dst = staging_.data();
-    const index_t total = rows * dim_;
-#pragma omp parallel for schedule(static)
-    for (index_t i = 0; i < total; ++i) dst[i] = static_cast<double>(src[i]);
-    accumulate_f64(dst, rows, dim_);
+    detail::widen_into(x + start * dim_, rows * dim_, staging_.data());
+    accumulate_f64(staging_.data(), rows, dim_);
   }
   commit(sums, n);
 }

@@ -1,4 +1,5 @@
-// OpenMP helpers: exception capture across a parallel region, and input validation loops.
+// OpenMP helpers: exception capture across a parallel region, input validation and widening
+// loops.
 #pragma once
 
 #include <cmath>
@@ -50,6 +51,12 @@ void require_finite(const T* x, index_t n, index_t d, index_t ld, const char* wh
     });
   }
   errors.rethrow();
+}
+
+/// dst[i] = double(src[i]) for n values (exact), in parallel.
+inline void widen_into(const float* src, index_t n, double* dst) {
+#pragma omp parallel for schedule(static)
+  for (index_t i = 0; i < n; ++i) dst[i] = static_cast<double>(src[i]);
 }
 
 inline void require(bool ok, const std::string& message) {
