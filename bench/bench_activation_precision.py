@@ -31,7 +31,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     dense, tok = load_model("smollm2")
     calib = calibration_tokens("wiki", tok, n_samples=128, seq_len=128, seed=None)
-    plan = plans.last_k_plan(dense, adapter_for(dense), 0.8, 20)
+    plan = plans.last_k_plan(plans.ModelShape.of(adapter_for(dense)), 0.8, 20)
     rows = []
     print("| activations | bytes per activation value | WikiText-2 ppl | vs float32 |\n|---|---|---|---|")
     for name in ("float32", "float16", "bfloat16"):

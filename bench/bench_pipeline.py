@@ -48,8 +48,9 @@ def run_one(method: str, n_samples: int, seq_len: int, recipe: str, windows: int
 
     torch.set_num_threads(2)
     model, tok = load_model("smollm2")
-    plan = plans.paper_recipe(model, adapter_for(model), recipe) if recipe.startswith("paper") else \
-        plans.last_k_plan(model, adapter_for(model), 0.8, int(recipe.split("-")[1]))
+    shape = plans.ModelShape.of(adapter_for(model))
+    plan = plans.paper_recipe(shape, recipe) if recipe.startswith("paper") else \
+        plans.last_k_plan(shape, 0.8, int(recipe.split("-")[1]))
     calib = calibration_tokens("wiki", tok, n_samples=n_samples, seq_len=seq_len, seed=0)
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     rss_before = _status_bytes("VmRSS")
@@ -59,7 +60,8 @@ def run_one(method: str, n_samples: int, seq_len: int, recipe: str, windows: int
         out = rom_fast.compress(model, calibration={"input_ids": calib.input_ids,
                                                     "attention_mask": calib.attention_mask},
                                 ranks=plan.ranks, n_samples=n_samples, seq_len=seq_len, progress=False)
-        stages = out.rom_fast_summary["seconds"]
+        stages = out.summary["seconds"]
+        out = out.model
     else:
         sys.path.insert(0, os.path.join(ROOT, "tests"))
         from reference_rom import reference_compress

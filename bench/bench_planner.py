@@ -44,10 +44,11 @@ def main() -> None:
     from rom_fast.evaluate import wikitext2_perplexity, zero_shot
     from rom_fast.models import load_model
     from rom_fast.planner import collect_spectra, planned
+    from rom_fast.sources import ModelSource
 
     transformers.logging.set_verbosity_error()
     dense, tok = load_model("smollm2")
-    adapter = adapter_for(dense)
+    shape = plans.ModelShape.of(adapter_for(dense))
     calib = calibration_tokens("wiki", tok, n_samples=a.n_samples, seq_len=128, seed=None)
     batch = {"input_ids": calib.input_ids, "attention_mask": calib.attention_mask}
 
@@ -71,13 +72,13 @@ def main() -> None:
 
     print("| plan | kept params | ratio | WikiText-2 ppl |" + (" six-task avg |" if a.zero_shot else "") + "\n|---|---|---|---|" + ("---|" if a.zero_shot else ""), flush=True)
     for k in a.k:
-        run(f"last {k}", plans.last_k_plan(dense, adapter, a.ratio, k))
+        run(f"last {k}", plans.last_k_plan(shape, a.ratio, k))
     t0 = time.perf_counter()
-    spectra = collect_spectra(dense, adapter, calib.input_ids, calib.attention_mask)
+    spectra = collect_spectra(ModelSource(dense), calib.input_ids, calib.attention_mask)
     spectra_seconds = time.perf_counter() - t0
     best = None
     for w in a.weightings:
-        plan = planned(dense, adapter, a.ratio, spectra, w)
+        plan = planned(shape, a.ratio, spectra, w)
         ppl = run(f"planner ({w})", plan)
         if best is None or ppl < best[0]:
             best = (ppl, plan, w)

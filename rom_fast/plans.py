@@ -36,14 +36,28 @@ class RankPlan:
         return {"ranks": dict(self.ranks), "description": self.description, "details": self.details}
 
 
-def layer_shapes(model: nn.Module, adapter: ModelAdapter) -> Dict[str, Tuple[int, int]]:
-    """``{module name: (d_out, d_in)}`` for every compressible linear, in block order."""
-    shapes = {}
-    for i, block in enumerate(adapter.blocks()):
-        for rel in adapter.linear_names():
-            lin = block.get_submodule(rel)
-            shapes[adapter.block_prefix(i) + rel] = (lin.out_features, lin.in_features)
-    return shapes
+@dataclass(frozen=True)
+class ModelShape:
+    """What a plan needs to know of a model: every compressible linear's shape and block, and
+    the whole model's parameter count (embeddings included, a tied head counted once). Built
+    from a model object or from a weightless skeleton alike."""
+
+    shapes: Dict[str, Tuple[int, int]]     # {module name: (d_out, d_in)}, in block order
+    block_of: Dict[str, int]               # {module name: block index}
+    n_blocks: int
+    total_params: int
+
+    @classmethod
+    def of(cls, adapter: ModelAdapter, total: Optional[int] = None) -> "ModelShape":
+        shapes, block_of = {}, {}
+        for i, block in enumerate(adapter.blocks()):
+            for rel in adapter.linear_names():
+                lin = block.get_submodule(rel)
+                name = adapter.block_prefix(i) + rel
+                shapes[name] = (lin.out_features, lin.in_features)
+                block_of[name] = i
+        return cls(shapes, block_of, adapter.n_blocks,
+                   total_params(adapter.model) if total is None else int(total))
 
 
 def total_params(model: nn.Module) -> int:
@@ -73,19 +87,22 @@ def uniform_ranks(shapes, names, budget: float) -> Dict[str, int]:
     return ranks
 
 
-def last_k_plan(model: nn.Module, adapter: ModelAdapter, ratio: float, k: int,
-                label: Optional[str] = None) -> RankPlan:
+def check_budget(ratio) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+        raise ValueError(f"budget must be a fraction in (0, 1), got {ratio!r}")
+    return float(ratio)
+
+
+def last_k_plan(shape: ModelShape, ratio: float, k: int, label: Optional[str] = None) -> RankPlan:
     """Uniform module budget on the last ``k`` blocks, solved so the whole model keeps ``ratio``
     of its parameters (the paper's recipe; its budgets are per module, ours is solved from the
     total so it transfers to models whose embeddings weigh differently)."""
-    n_blocks = len(adapter.blocks())
-    if not 1 <= k <= n_blocks:
-        raise ValueError(f"k must be in [1, {n_blocks}], got {k}")
-    if not 0.0 < ratio < 1.0:
-        raise ValueError(f"budget must be in (0, 1), got {ratio}")
-    shapes = layer_shapes(model, adapter)
-    total = total_params(model)
-    names = [n for n in shapes if int(n.split(".")[2]) >= n_blocks - k]
+    n_blocks = shape.n_blocks
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_blocks:
+        raise ValueError(f"k must be in [1, {n_blocks}], got {k!r}")
+    ratio = check_budget(ratio)
+    shapes, total = shape.shapes, shape.total_params
+    names = [n for n in shapes if shape.block_of[n] >= n_blocks - k]
     target = ratio * total
     lo, hi = 0.0, 1.0
     if kept_params(total, shapes, uniform_ranks(shapes, names, 0.0)) > target:
@@ -104,20 +121,21 @@ def last_k_plan(model: nn.Module, adapter: ModelAdapter, ratio: float, k: int,
                      "kept_params": kept, "total_params": total, "ratio": kept / total})
 
 
-def paper_recipe(model: nn.Module, adapter: ModelAdapter, name: str) -> RankPlan:
+def paper_recipe(shape: ModelShape, name: str) -> RankPlan:
     """The paper's 90/80/50% recipes, with "last k of 32 blocks" scaled to the model's depth."""
     if name not in PAPER_RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known: {', '.join(PAPER_RECIPES)}")
     ratio, k32, _ = PAPER_RECIPES[name]
-    n_blocks = len(adapter.blocks())
+    n_blocks = shape.n_blocks
     k = max(1, min(n_blocks, round(k32 * n_blocks / 32)))
-    return last_k_plan(model, adapter, ratio, k,
+    return last_k_plan(shape, ratio, k,
                        label=f"{name}: last {k} of {n_blocks} blocks (paper: last {k32} of 32), "
                              f"module budget solved for {ratio:.0%} of all parameters")
 
 
-def recipe_for_budget(model: nn.Module, adapter: ModelAdapter, ratio: float) -> RankPlan:
+def recipe_for_budget(shape: ModelShape, ratio: float) -> RankPlan:
     """The paper's recipe at any budget: k/32 interpolated between its 90/80/50% settings."""
+    ratio = check_budget(ratio)
     pts = sorted((r, k) for r, k, _ in PAPER_RECIPES.values())
     if ratio <= pts[0][0]:
         k32 = pts[0][1]
@@ -127,17 +145,16 @@ def recipe_for_budget(model: nn.Module, adapter: ModelAdapter, ratio: float) -> 
         for (r0, k0), (r1, k1) in zip(pts, pts[1:]):
             if r0 <= ratio <= r1:
                 k32 = k0 + (k1 - k0) * (ratio - r0) / (r1 - r0)
-    n_blocks = len(adapter.blocks())
+    n_blocks = shape.n_blocks
     k = max(1, min(n_blocks, round(k32 * n_blocks / 32)))
-    return last_k_plan(model, adapter, ratio, k,
+    return last_k_plan(shape, ratio, k,
                        label=f"paper recipe at {ratio:.0%}: last {k} of {n_blocks} blocks")
 
 
-def explicit_plan(model: nn.Module, adapter: ModelAdapter, ranks: Dict[str, int],
-                  source: str = "explicit ranks") -> RankPlan:
+def explicit_plan(shape: ModelShape, ranks: Dict[str, int], source: str = "explicit ranks") -> RankPlan:
     """Checks user-given ranks ``{module name: rank}``: known layers, positive integers, and
     never more parameters than the dense layer. ``source`` prefixes the error messages."""
-    shapes = layer_shapes(model, adapter)
+    shapes = shape.shapes
     plan = {}
     for name, r in ranks.items():
         if name not in shapes:
@@ -148,16 +165,27 @@ def explicit_plan(model: nn.Module, adapter: ModelAdapter, ranks: Dict[str, int]
         if not saves_parameters(d_out, d_in, r):
             raise ValueError(f"{source}: rank {r} for {name} ({d_out}x{d_in}) would not save parameters")
         plan[name] = r
-    total = total_params(model)
+    total = shape.total_params
     kept = kept_params(total, shapes, plan)
     return RankPlan(plan, source, {"kind": "explicit", "kept_params": kept, "total_params": total,
                                    "ratio": kept / total})
 
 
-def ranks_from_file(model: nn.Module, adapter: ModelAdapter, path: Union[str, Path]) -> RankPlan:
-    """Explicit ranks: a JSON object ``{module name: rank}`` (or ``{"ranks": {...}}``)."""
-    data = json.loads(Path(path).read_text())
+def read_ranks_file(path: Union[str, Path]) -> Dict[str, int]:
+    """A JSON object ``{module name: rank}`` (or ``{"ranks": {...}}``, as ``rom-fast plan --json``
+    writes it), with the file named in every error."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"ranks file {path}: cannot read it ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"ranks file {path}: not valid JSON ({exc})") from None
     ranks = data.get("ranks", data) if isinstance(data, dict) else None
     if not isinstance(ranks, dict):
-        raise ValueError(f"{path}: expected a JSON object mapping module names to ranks")
-    return explicit_plan(model, adapter, ranks, f"explicit ranks from {Path(path).name}")
+        raise ValueError(f"ranks file {path}: expected a JSON object mapping module names to ranks")
+    return ranks
+
+
+def ranks_from_file(shape: ModelShape, path: Union[str, Path]) -> RankPlan:
+    """Explicit ranks from a JSON file (see :func:`read_ranks_file`)."""
+    return explicit_plan(shape, read_ranks_file(path), f"explicit ranks from {Path(path).name}")

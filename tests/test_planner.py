@@ -15,6 +15,7 @@ from rom_fast import plans
 from rom_fast.adapters import adapter_for
 from rom_fast.lowrank import lowrank_params
 from rom_fast.planner import LayerSpectrum, _loss_curve, allocate, collect_spectra, planned
+from rom_fast.sources import ModelSource
 
 TINY = dict(vocab_size=97, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -37,11 +38,12 @@ def test_spectra_and_sensitivities_match_a_direct_float64_computation():
     model = _tiny()
     adapter = adapter_for(model)
     ids, mask = _batch()
-    spectra = collect_spectra(model, adapter, ids, mask, batch_size=4)
+    spectra = collect_spectra(ModelSource(model), ids, mask, batch_size=4)
     assert all(p.requires_grad for p in model.parameters())   # restored
 
-    # Direct: record every linear's input and output on the same tokens, in float64.
-    names = list(plans.layer_shapes(model, adapter))
+    # Direct: one forward and backward of the whole model per micro-batch, every linear's
+    # input and output recorded on the same tokens, in float64.
+    names = list(plans.ModelShape.of(adapter).shapes)
     ins, outs = {n: [] for n in names}, {n: [] for n in names}
     handles = []
     for n in names:
@@ -135,11 +137,11 @@ def test_allocation_errors():
 
 def test_planned_plan_meets_the_budget_and_saves_parameters_everywhere():
     model = _tiny()
-    adapter = adapter_for(model)
+    shape = plans.ModelShape.of(adapter_for(model))
     ids, mask = _batch()
-    spectra = collect_spectra(model, adapter, ids, mask)
+    spectra = collect_spectra(ModelSource(model), ids, mask)
     for weighting in ("fisher", "energy"):
-        plan = planned(model, adapter, 0.8, spectra, weighting)
+        plan = planned(shape, 0.8, spectra, weighting)
         assert plan.details["ratio"] <= 0.8 and plan.details["ratio"] > 0.75
-        shapes = plans.layer_shapes(model, adapter)
+        shapes = shape.shapes
         assert all(lowrank_params(*shapes[n], r) < shapes[n][0] * shapes[n][1] for n, r in plan.ranks.items())

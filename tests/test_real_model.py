@@ -33,12 +33,12 @@ def test_smollm2_matches_reference_perplexity_and_subspaces():
 
     torch.set_num_threads(2)
     model, tok = load_model("smollm2")
-    plan = plans.last_k_plan(model, adapter_for(model), 0.9, 6)
+    plan = plans.last_k_plan(plans.ModelShape.of(adapter_for(model)), 0.9, 6)
     calib = calibration_tokens("wiki", tok, n_samples=64, seq_len=128, seed=None)
     ref, subspaces = reference_compress(model, calib.input_ids, calib.attention_mask, plan.ranks)
     ours = rom_fast.compress(copy.deepcopy(model), tokenizer=tok,
                              calibration={"input_ids": calib.input_ids, "attention_mask": calib.attention_mask},
-                             ranks=plan.ranks, n_samples=64, seq_len=128, progress=False)
+                             ranks=plan.ranks, n_samples=64, seq_len=128, progress=False).model
     p_ref = wikitext2_perplexity(ref.float(), tok, window=512, max_windows=10)["perplexity"]
     p_ours = wikitext2_perplexity(ours, tok, window=512, max_windows=10)["perplexity"]
     p_dense = wikitext2_perplexity(model, tok, window=512, max_windows=10)["perplexity"]

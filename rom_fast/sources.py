@@ -1,0 +1,367 @@
+"""Block sources: one interface for a model held in memory and a model streamed from disk.
+
+The compression loop, the rank planner, evaluation and data-free calibration all run the model
+block by block through a :class:`BlockSource`: ``load_block(i)`` gives block i with float32
+weights, ``release_block(i)`` drops what loading cost, ``embedding()`` and ``head()`` bring the
+outer modules in for as long as they are needed. For a model in memory these are (almost)
+free; for a Hugging Face safetensors directory only one block is in memory at a time, so the
+same code handles a 135M model and a 70B one.
+
+A directory is read as untrusted input: its config must name a supported architecture, every
+shard header is parsed and checked (:mod:`rom_fast.safetensors_index`), and every tensor the
+config implies must be there with the right shape and a floating dtype, all before the first
+block is loaded. Nothing is unpickled and no remote code runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import torch
+from torch import nn
+
+from rom_fast.adapters import ModelAdapter, adapter_class, adapter_for
+from rom_fast.plans import ModelShape, total_params
+from rom_fast.safetensors_index import FLOAT_DTYPES, CheckpointError, SafetensorsIndex
+
+COMPUTE_DTYPE = torch.float32      # arithmetic precision of every block (weights widened on load)
+
+
+def release_freed_memory() -> None:
+    """Returns freed heap pages to the OS (glibc keeps them otherwise, and the heap of a long
+    streamed run then grows block after block through fragmentation). No-op elsewhere."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _materialize(module: nn.Module, prefix: str, tensors: Dict[str, torch.Tensor]) -> None:
+    """Puts loaded tensors (named ``prefix``...) into ``module``'s parameters and buffers."""
+    state = {k[len(prefix):]: v for k, v in tensors.items()}
+    missing = [n for n, _ in module.named_parameters() if n not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {prefix}{missing[0]} (and {len(missing) - 1} more)")
+    module.load_state_dict(state, strict=False, assign=True)
+
+
+def block_state(block: nn.Module, prefix: str, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """Block tensors named as in a checkpoint, in ``dtype``, detached and contiguous."""
+    return {prefix + k: v.detach().to(dtype).contiguous() for k, v in block.state_dict().items()}
+
+
+class BlockSource:
+    """A causal LM whose decoder blocks are brought into memory one at a time."""
+
+    model: nn.Module            # the model object; a streamed one holds weights only while loaded
+    adapter: ModelAdapter
+    tokenizer = None
+    name: str                   # what the model card calls the source
+    streamed: bool
+    storage_dtype: torch.dtype  # the precision tensors are written back in
+    param_count: int            # parameters of the whole model (a tied head counted once)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.adapter.n_blocks
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def shape(self) -> ModelShape:
+        return ModelShape.of(self.adapter, self.param_count)
+
+    def load_block(self, i: int) -> nn.Module:
+        raise NotImplementedError
+
+    def release_block(self, i: int) -> None:
+        raise NotImplementedError
+
+    def block_tensors(self, i: int) -> Dict[str, torch.Tensor]:
+        """Block i as it is now (compressed or not), in the storage precision."""
+        return block_state(self.adapter.blocks()[i], self.adapter.block_prefix(i), self.storage_dtype)
+
+    def original_block_tensors(self, i: int) -> Dict[str, torch.Tensor]:
+        """Block i as the source holds it (for blocks a plan leaves dense)."""
+        raise NotImplementedError
+
+    def outer_tensors(self) -> Dict[str, torch.Tensor]:
+        """Everything outside the blocks (embedding, final norm, an untied head)."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def embedding(self) -> Iterator[nn.Module]:
+        yield self.adapter.embedding()
+
+    @contextlib.contextmanager
+    def head(self) -> Iterator[None]:
+        yield
+
+    def fingerprint(self) -> str:
+        """Identifies the source's weights (for refusing to resume on a different model)."""
+        raise NotImplementedError
+
+    def finished_model(self) -> nn.Module:
+        """The whole model in memory (compressed blocks included): for callers without ``out``."""
+        return self.model
+
+
+class ModelSource(BlockSource):
+    """A model object held in memory. A half-precision model's block is widened to float32
+    while it is worked on and narrowed back when released."""
+
+    streamed = False
+
+    def __init__(self, model: nn.Module, tokenizer=None, name: Optional[str] = None):
+        self.model = model.eval()
+        self.adapter = adapter_for(model)
+        self.tokenizer = tokenizer
+        self.name = name or type(model).__name__
+        first = next(model.parameters())
+        if any(p.device.type == "meta" for p in model.parameters()):
+            raise ValueError(f"{self.name} has weights on the meta device (never loaded): pass a loaded "
+                             "model, or its directory to stream it")
+        self.storage_dtype = first.dtype
+        if not self.storage_dtype.is_floating_point:
+            raise TypeError(f"{self.name}: weights are {self.storage_dtype}, expected floating point")
+        self.param_count = total_params(model)
+
+    def load_block(self, i: int) -> nn.Module:
+        block = self.adapter.blocks()[i]
+        if self.storage_dtype != COMPUTE_DTYPE:
+            block.to(COMPUTE_DTYPE)
+        return block
+
+    def release_block(self, i: int) -> None:
+        if self.storage_dtype != COMPUTE_DTYPE:
+            self.adapter.blocks()[i].to(self.storage_dtype)
+
+    def original_block_tensors(self, i: int) -> Dict[str, torch.Tensor]:
+        return self.block_tensors(i)
+
+    def outer_tensors(self) -> Dict[str, torch.Tensor]:
+        a = self.adapter
+        out = {}
+        for k, v in self.model.state_dict().items():
+            if a.block_index(k) is None and not (a.tied() and k.startswith(a.head_path + ".")):
+                out[k] = v.detach().to(self.storage_dtype).contiguous()
+        return out
+
+    @contextlib.contextmanager
+    def head(self) -> Iterator[None]:
+        a = self.adapter
+        if self.storage_dtype == COMPUTE_DTYPE:
+            yield
+            return
+        modules = [a.final_norm(), a.head()]
+        for m in modules:
+            m.to(COMPUTE_DTYPE)
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.to(self.storage_dtype)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode())
+        for name, p in self.model.state_dict().items():
+            h.update(name.encode())
+            t = p.detach().contiguous()
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+
+class DirectorySource(BlockSource):
+    """A Hugging Face safetensors directory, streamed: the model skeleton is built without
+    weights (parameters on the meta device; buffers such as rotary frequencies are real) and
+    each block is read from its shards when asked for."""
+
+    streamed = True
+
+    def __init__(self, directory, tokenizer=None):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from rom_fast.checkpoint import register_all
+        self.directory = Path(directory)
+        self.name = str(directory)
+        config_file = self.directory / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{self.directory} is not a model directory (no config.json)")
+        try:
+            raw = json.loads(config_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{config_file}: not readable JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{config_file}: not a JSON object")
+        adapter_class(raw.get("model_type"), str(config_file))      # supported, before building anything
+        register_all()                                                # rom_fast_<base> compressed checkpoints
+        try:
+            config = AutoConfig.from_pretrained(self.directory, local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise CheckpointError(f"{config_file}: {exc}") from None
+        self.index = SafetensorsIndex(self.directory)
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=COMPUTE_DTYPE)
+        self.model.eval()
+        self.adapter = adapter_for(self.model)
+        self.param_count = self._check_tensors()
+        self.storage_dtype = self._storage_dtype()
+        self.tokenizer = tokenizer if tokenizer is not None else _directory_tokenizer(self.directory)
+        self._block_dtypes: Dict[int, torch.dtype] = {}
+        self._loaded: set = set()
+
+    # -- validation -------------------------------------------------------------------------
+    def _expected(self) -> Dict[str, tuple]:
+        """Every tensor the skeleton implies, with its shape (a tied head is stored once)."""
+        a = self.adapter
+        return {n: tuple(p.shape) for n, p in self.model.named_parameters(remove_duplicate=False)
+                if not (a.tied() and n.startswith(a.head_path + "."))}
+
+    def _check_tensors(self) -> int:
+        stored = self.index.tensors
+        count = 0
+        for name, shape in self._expected().items():
+            info = stored.get(name)
+            if info is None:
+                raise CheckpointError(f"{self.directory}: the checkpoint lacks tensor {name!r} "
+                                      "that its config.json implies")
+            if info.shape != shape:
+                raise CheckpointError(f"{self.directory / info.file}: tensor {name!r} has shape "
+                                      f"{list(info.shape)}, config.json implies {list(shape)}")
+            if info.dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"{self.directory / info.file}: tensor {name!r} is {info.dtype}, "
+                                      "expected a floating dtype (quantized checkpoints are not supported)")
+            count += info.numel
+        return count
+
+    def _storage_dtype(self) -> torch.dtype:
+        """The precision most of the checkpoint is stored in (by bytes)."""
+        by_dtype: Dict[torch.dtype, int] = {}
+        for info in self.index.tensors.values():
+            by_dtype[info.torch_dtype] = by_dtype.get(info.torch_dtype, 0) + info.nbytes
+        return max(by_dtype, key=by_dtype.get)
+
+    def stored_bytes(self) -> int:
+        return sum(info.nbytes for info in self.index.tensors.values())
+
+    # -- blocks -------------------------------------------------------------------------------
+    def load_block(self, i: int) -> nn.Module:
+        block = self.adapter.blocks()[i]
+        if i in self._loaded:
+            return block
+        prefix = self.adapter.block_prefix(i)
+        raw = self.index.load(self.index.keys_with_prefix(prefix))
+        self._block_dtypes[i] = max(raw.values(), key=lambda t: t.numel()).dtype
+        # Widen one tensor at a time, dropping each stored copy as it goes.
+        state = {k: raw.pop(k).to(COMPUTE_DTYPE) for k in list(raw)}
+        _materialize(block, prefix, state)
+        self._loaded.add(i)
+        return block
+
+    def release_block(self, i: int) -> None:
+        if i in self._loaded:
+            self.adapter.blocks()[i].to_empty(device="meta")
+            self._loaded.discard(i)
+            release_freed_memory()
+
+    def block_tensors(self, i: int) -> Dict[str, torch.Tensor]:
+        dtype = self._block_dtypes.get(i, self.storage_dtype)
+        return block_state(self.adapter.blocks()[i], self.adapter.block_prefix(i), dtype)
+
+    def original_block_tensors(self, i: int) -> Dict[str, torch.Tensor]:
+        return self.index.load(self.index.keys_with_prefix(self.adapter.block_prefix(i)))
+
+    def _outer_keys(self) -> List[str]:
+        a = self.adapter
+        return [k for k in self.index.tensors if a.block_index(k) is None
+                and not (a.tied() and k.startswith(a.head_path + "."))]
+
+    def outer_tensors(self) -> Dict[str, torch.Tensor]:
+        return self.index.load(self._outer_keys())
+
+    def _load_module(self, path: str, source_path: Optional[str] = None) -> nn.Module:
+        module = self.model.get_submodule(path)
+        prefix = (source_path or path) + "."
+        tensors = self.index.load(self.index.keys_with_prefix(prefix), COMPUTE_DTYPE)
+        _materialize(module, prefix, tensors)
+        return module
+
+    @contextlib.contextmanager
+    def embedding(self) -> Iterator[nn.Module]:
+        module = self._load_module(self.adapter.embedding_path)
+        try:
+            yield module
+        finally:
+            module.to_empty(device="meta")
+            release_freed_memory()
+
+    @contextlib.contextmanager
+    def head(self) -> Iterator[None]:
+        a = self.adapter
+        norm = self._load_module(a.final_norm_path)
+        head = self._load_module(a.head_path, a.embedding_path if a.tied() else None)
+        try:
+            yield
+        finally:
+            for m in (norm, head):
+                m.to_empty(device="meta")
+            release_freed_memory()
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256((self.directory / "config.json").read_bytes())
+        for path in self.index.files():
+            st = path.stat()
+            h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()
+
+    def finished_model(self) -> nn.Module:
+        """Loads every block not yet in memory and the outer modules, for good."""
+        for i in range(self.n_blocks):
+            self.load_block(i)
+        a = self.adapter
+        self._load_module(a.embedding_path)
+        self._load_module(a.final_norm_path)
+        if a.tied():
+            self.model.tie_weights()
+        else:
+            self._load_module(a.head_path)
+        return self.model
+
+
+def _directory_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    from rom_fast.models import TOKENIZER_FILES
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its tokenizer files cannot be loaded ({exc})") from None
+
+
+def open_source(model, tokenizer=None) -> BlockSource:
+    """A BlockSource for what ``rom_fast.compress`` accepts: a BlockSource (returned as is), a
+    transformers model object (compressed in place), a Hugging Face directory (streamed), a
+    ``.gguf`` file or ``"smollm2"`` (loaded into memory, de-quantized to float32)."""
+    from transformers import PreTrainedModel
+
+    from rom_fast.models import load_model
+    if isinstance(model, BlockSource):
+        if tokenizer is not None:
+            model.tokenizer = tokenizer
+        return model
+    if isinstance(model, PreTrainedModel):
+        return ModelSource(model, tokenizer)
+    if isinstance(model, (str, os.PathLike)) and Path(model).expanduser().is_dir():
+        return DirectorySource(Path(model).expanduser(), tokenizer)
+    loaded, tok = load_model(model, tokenizer=tokenizer)
+    return ModelSource(loaded, tok, name=str(model))
