@@ -32,6 +32,8 @@ def main() -> None:
     p.add_argument("--tag", default="", help="suffix of the results file (planner_<ratio><tag>.json)")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--windows", type=int, default=40)
+    p.add_argument("--grad-samples", type=int, default=None,
+                   help="sequences the planner's sensitivities use (default: all --n-samples)")
     a = p.parse_args()
 
     import torch
@@ -74,7 +76,8 @@ def main() -> None:
     for k in a.k:
         run(f"last {k}", plans.last_k_plan(shape, a.ratio, k))
     t0 = time.perf_counter()
-    spectra = collect_spectra(ModelSource(dense), calib.input_ids, calib.attention_mask)
+    spectra = collect_spectra(ModelSource(dense), calib.input_ids, calib.attention_mask,
+                              grad_samples=a.grad_samples)
     spectra_seconds = time.perf_counter() - t0
     best = None
     for w in a.weightings:
@@ -90,7 +93,8 @@ def main() -> None:
         json.dump({"command": "python bench/bench_planner.py " + " ".join(
                        [f"--ratio {a.ratio}"] + ([f"--k {' '.join(map(str, a.k))}"] if a.k else [])
                        + ([f"--weightings {' '.join(a.weightings)}"]) + (["--centered"] if a.centered else [])
-                       + ([f"--zero-shot {a.zero_shot}"] if a.zero_shot else []) + ([f"--tag {a.tag}"] if a.tag else [])),
+                       + ([f"--zero-shot {a.zero_shot}"] if a.zero_shot else []) + ([f"--tag {a.tag}"] if a.tag else [])
+                       + ([f"--grad-samples {a.grad_samples}"] if a.grad_samples else [])),
                    "calibration": calib.description, "spectra_seconds": spectra_seconds, "rows": rows},
                   f, indent=2)
     print(f"spectra: {spectra_seconds:.1f} s; written {out}")

@@ -51,6 +51,7 @@ class PlanRequest:
     last_k: Optional[int] = None
     weighting: str = "fisher"
     planner_samples: int = 128
+    planner_grad_samples: int = planner.DEFAULT_GRAD_SAMPLES
 
     def __post_init__(self):
         if self.ranks is not None and (self.budget is not None or self.recipe is not None or self.last_k is not None):
@@ -71,6 +72,7 @@ class PlanRequest:
         if self.weighting not in planner.WEIGHTINGS:
             raise ValueError(f"weighting must be one of {planner.WEIGHTINGS}, got {self.weighting!r}")
         _check_int("planner_samples", self.planner_samples, 1)
+        _check_int("planner_grad_samples", self.planner_grad_samples, 1)
         if self.ranks is not None and not isinstance(self.ranks, dict):
             object.__setattr__(self, "ranks_file", str(self.ranks))
             object.__setattr__(self, "ranks", plans.read_ranks_file(self.ranks))
@@ -82,7 +84,8 @@ class PlanRequest:
     def to_json(self) -> dict:
         return {"budget": self.budget, "recipe": self.recipe, "ranks": self.ranks, "last_k": self.last_k,
                 "weighting": self.weighting if self.uses_planner else None,
-                "planner_samples": self.planner_samples if self.uses_planner else None}
+                "planner_samples": self.planner_samples if self.uses_planner else None,
+                "planner_grad_samples": self.planner_grad_samples if self.uses_planner else None}
 
     def resolve(self, shape: plans.ModelShape, spectra) -> plans.RankPlan:
         """The plan; ``spectra()`` collects the planner's spectra when it is needed."""
@@ -97,6 +100,7 @@ class PlanRequest:
             return plans.last_k_plan(shape, budget, self.last_k)
         if self.recipe == "paper":
             return plans.recipe_for_budget(shape, budget)
+        plans.check_reachable(shape, budget)          # before the planner's pass over the model
         return planner.planned(shape, budget, spectra(), self.weighting)
 
 
@@ -186,7 +190,8 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
              n_samples: int = 512, seq_len: int = 128, seed: Optional[int] = 0,
              centered: bool = False, batch_size: int = 8, merge: bool = False,
              overwrite: bool = False, restart: bool = False, progress: bool = True,
-             command: Optional[str] = None, planner_samples: int = 128, weighting: str = "fisher",
+             command: Optional[str] = None, planner_samples: int = 128,
+             planner_grad_samples: int = planner.DEFAULT_GRAD_SAMPLES, weighting: str = "fisher",
              activation_dtype: Union[str, torch.dtype] = "float32",
              eval_windows: int = 0) -> CompressionResult:
     """Compresses a LLaMA-family model by reduced order modelling, one block at a time.
@@ -200,9 +205,9 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
         ``"generated"``). Default: ``"wiki"`` when the local data is present, else
         ``"generated"`` (data-free: sampled from the model, block by block).
     budget: fraction of all parameters to keep (default 0.8), allocated by the rank planner
-        (spectra and output sensitivities of every layer from ``planner_samples`` calibration
-        sequences, collected block by block: :mod:`rom_fast.planner`), for every kind of
-        source. Or ``recipe="paper"`` (the paper's last-k recipe at ``budget``),
+        (spectra of every layer from ``planner_samples`` calibration sequences, output
+        sensitivities from the first ``planner_grad_samples`` of them, collected block by
+        block: :mod:`rom_fast.planner`), for every kind of source. Or ``recipe="paper"`` (the paper's last-k recipe at ``budget``),
         ``recipe="paper-80"`` etc. (its own settings), ``last_k=`` with ``budget=``, or
         ``ranks=`` (a dict or JSON file of per-layer ranks). Conflicting options are refused.
     out: the output directory, written block by block as a Hugging Face checkpoint (in the
@@ -222,7 +227,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
     t0 = time.perf_counter()
     options = CompressionOptions(centered=centered, batch_size=_check_int("batch_size", batch_size, 1),
                                  activation_dtype=activation_dtype)
-    request = PlanRequest(budget, recipe, ranks, last_k, weighting, planner_samples)
+    request = PlanRequest(budget, recipe, ranks, last_k, weighting, planner_samples, planner_grad_samples)
     _check_int("n_samples", n_samples, 1)
     _check_int("seq_len", seq_len, 2)
     _check_int("eval_windows", eval_windows, 0)
@@ -263,6 +268,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
     if eval_windows:
         perplexity["before"] = _perplexity(source, tok, eval_windows, progress)
     shape = source.shape()
+    report = CompressionReport()
     spectra_json: dict = {}
     if output is not None and output.resumed:
         input_ids, attention_mask = output.calibration()
@@ -283,7 +289,8 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
             collected = planner.collect_spectra(
                 source, input_ids[:k], attention_mask[:k], batch_size=options.batch_size,
                 progress=progress, activation_dtype=options.activation_dtype,
-                workdir=str(out.parent) if out is not None else None)
+                workdir=str(out.parent) if out is not None else None, seconds=report.seconds,
+                grad_samples=planner_grad_samples)
             spectra_json.update({n: sp.to_json() for n, sp in collected.items()})
             return collected
 
@@ -303,7 +310,6 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
     if output is not None and not source.streamed:
         for i in range(start):
             _restore_block(source, i, output)
-    report = CompressionReport()
     if output is not None:
         report.layers.extend(LayerRecord(**r) for r in output.state["records"])
     bar = None
@@ -322,8 +328,8 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
         if output is not None:
             prefix = source.adapter.block_prefix(i)
             records = [dataclasses.asdict(r) for r in report.layers if r.name.startswith(prefix)]
-            output.commit_block(i, source.block_tensors(i), factorized_layers(block, prefix), records,
-                                hidden if i < last_block else None)
+            output.commit_block(i, source.block_tensors(i), source.block_dtype(i),
+                                factorized_layers(block, prefix), records, hidden if i < last_block else None)
         # A streamed block is dropped once written; without `out` it stays (it is the result).
         # release_block also narrows a half-precision in-memory model's block back.
         if output is not None or not source.streamed:

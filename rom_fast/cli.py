@@ -45,7 +45,9 @@ def _add_compress(sub) -> None:
     p.add_argument("--weighting", choices=["fisher", "energy", "tail"], default="fisher",
                    help="the planner's loss weighting (see 'rom-fast plan')")
     p.add_argument("--planner-samples", type=int, default=128,
-                   help="calibration sequences the planner's spectra and sensitivities use")
+                   help="calibration sequences the planner's spectra use")
+    p.add_argument("--planner-grad-samples", type=int, default=32,
+                   help="of those, the sequences its output sensitivities (one backward pass) use")
     p.add_argument("--out", help="output directory, written block by block and renamed into place when complete; "
                                  "nothing is saved without it")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (once the new one is complete)")
@@ -78,6 +80,8 @@ def _add_plan(sub) -> None:
     p.add_argument("--budget", type=float, default=0.8, help="fraction of all parameters to keep")
     p.add_argument("--calibration", default=None, help="as for compress")
     p.add_argument("--n-samples", type=int, default=128, help="calibration sequences for the spectra")
+    p.add_argument("--grad-samples", type=int, default=32,
+                   help="of those, the sequences the output sensitivities (one backward pass) use")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weighting", choices=["fisher", "energy", "tail"], default="fisher",
@@ -93,19 +97,21 @@ def _add_plan(sub) -> None:
 def run_plan(args) -> int:
     from rom_fast import planner
     from rom_fast.calibration import calibration_tokens, default_calibration
-    from rom_fast.plans import check_budget
+    from rom_fast.plans import check_budget, check_reachable
     from rom_fast.sources import open_source
 
     check_budget(args.budget)
     if args.png:
         _require_matplotlib()
     source = open_source(args.model)
+    shape = source.shape()
+    check_reachable(shape, args.budget)
     calib = calibration_tokens(args.calibration or default_calibration(), source.tokenizer,
                                n_samples=args.n_samples, seq_len=args.seq_len,
                                seed=None if args.seed < 0 else args.seed, model=source)
     spectra = planner.collect_spectra(source, calib.input_ids, calib.attention_mask, batch_size=args.batch_size,
-                                      progress=True, activation_dtype=_dtype(args.activation_dtype))
-    shape = source.shape()
+                                      progress=True, activation_dtype=_dtype(args.activation_dtype),
+                                      grad_samples=args.grad_samples)
     plan = planner.planned(shape, args.budget, spectra, args.weighting)
     print(f"{plan.description}: {plan.details['kept_params']:,} of {plan.details['total_params']:,} "
           f"parameters ({plan.details['ratio']:.2%})")
@@ -152,7 +158,8 @@ def run_compress(args) -> int:
 
     result = rom_fast.compress(
         args.model, calibration=args.calibration, budget=args.budget, recipe=args.recipe, ranks=args.ranks,
-        last_k=args.last_k, weighting=args.weighting, planner_samples=args.planner_samples, out=args.out,
+        last_k=args.last_k, weighting=args.weighting, planner_samples=args.planner_samples,
+        planner_grad_samples=args.planner_grad_samples, out=args.out,
         n_samples=args.n_samples, seq_len=args.seq_len, seed=None if args.seed < 0 else args.seed,
         centered=args.centered, batch_size=args.batch_size, activation_dtype=args.activation_dtype,
         merge=args.merge, overwrite=args.overwrite, restart=args.restart, eval_windows=args.eval_windows,

@@ -24,9 +24,8 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from rom_fast.safetensors_index import INDEX_FILE, read_header
+from rom_fast.safetensors_index import INDEX_FILE, read_header, write_safetensors
 
 STATE_FILE = "rom_fast_state.json"
 STATE_FORMAT = 1
@@ -46,9 +45,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _durable_replace(tmp: Path, final: Path) -> None:
+    """Flushes ``tmp`` to disk, gives it the permissions the umask asks for (safetensors
+    writes 0600) and renames it to ``final``."""
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, final)
     _fsync_dir(final.parent)
 
@@ -59,9 +67,9 @@ def write_json_atomic(path: Path, data) -> None:
     _durable_replace(tmp, path)
 
 
-def save_tensors_atomic(path: Path, tensors: Dict[str, torch.Tensor]) -> None:
+def save_tensors_atomic(path: Path, tensors: Dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_safetensors(tmp, tensors, dtype)
     _durable_replace(tmp, path)
 
 
@@ -205,11 +213,12 @@ class ResumableOutput:
                       "blocks_done": 0, "blocks": {}, "hidden": None, "records": []}
         write_json_atomic(self.partial / STATE_FILE, self.state)
 
-    def commit_block(self, i: int, tensors: Dict[str, torch.Tensor], layers: dict, records: List[dict],
-                     hidden: Optional[torch.Tensor]) -> None:
-        """Block i is finished: its shard, then the next block's inputs, then the state."""
+    def commit_block(self, i: int, tensors: Dict[str, torch.Tensor], dtype: torch.dtype, layers: dict,
+                     records: List[dict], hidden: Optional[torch.Tensor]) -> None:
+        """Block i is finished: its shard (tensors cast to ``dtype`` one at a time), then the
+        next block's inputs, then the state."""
         name = f"block-{i:05d}.safetensors"
-        save_tensors_atomic(self.partial / name, tensors)
+        save_tensors_atomic(self.partial / name, tensors, dtype)
         previous = self.state.get("hidden")
         hidden_name = None
         if hidden is not None:

@@ -67,9 +67,11 @@ class CompressionReport:
     seconds: Dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
-class _Timer:
-    def __init__(self, seconds: Dict[str, float]):
-        self.seconds = seconds
+class StageTimer:
+    """Accumulates wall time per stage name into a dict (``prefix`` + name)."""
+
+    def __init__(self, seconds: Dict[str, float], prefix: str = ""):
+        self.seconds, self.prefix = seconds, prefix
 
     @contextlib.contextmanager
     def __call__(self, stage: str):
@@ -77,7 +79,8 @@ class _Timer:
         try:
             yield
         finally:
-            self.seconds[stage] += time.perf_counter() - t0
+            key = self.prefix + stage
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0
 
 
 @contextlib.contextmanager
@@ -101,7 +104,7 @@ class BlockCompressor:
     """Compresses one decoder block in place, given its calibration inputs."""
 
     def __init__(self, adapter: ModelAdapter, options: CompressionOptions, report: CompressionReport,
-                 timer: _Timer):
+                 timer: StageTimer):
         self.adapter, self.options, self.report, self.timer = adapter, options, report, timer
         self._scratch: Dict[tuple, torch.Tensor] = {}
 
@@ -270,7 +273,7 @@ def compress_blocks(source: BlockSource, input_ids: torch.Tensor, attention_mask
     """
     options = options or CompressionOptions()
     report = report if report is not None else CompressionReport()
-    timer = _Timer(report.seconds)
+    timer = StageTimer(report.seconds)
     adapter = source.adapter
     block_of = {n: adapter.block_index(n) for n in ranks}
     known = set(source.shape().shapes)

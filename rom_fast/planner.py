@@ -28,16 +28,20 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from rom_fast import kernels, plans
 from rom_fast.adapters import ModelAdapter
 from rom_fast.blockwise import capture_block_inputs
 from rom_fast.lowrank import lowrank_params
+from rom_fast.pipeline import StageTimer
+from rom_fast.safetensors_index import write_safetensors
 from rom_fast.sources import BlockSource, release_freed_memory
 
 WEIGHTINGS = ("fisher", "energy", "tail")
+# Sensitivities are per-layer means: 32 sequences plan as well as 128 on SmolLM2 (WikiText-2
+# perplexity 69.48 vs 69.44 at 80%, 945 vs 1019 at 50%; bench/README.md) at 58% of the time.
+DEFAULT_GRAD_SAMPLES = 32
 HEAD_CHUNK_TOKENS = 256   # tokens per head forward/backward in the planner (SmolLM2: 50 MB of logits)
 
 
@@ -78,7 +82,8 @@ def _frozen(module: nn.Module):
             p.requires_grad_(f)
 
 
-def _block_statistics(adapter: ModelAdapter, block: nn.Module, token_mask: List[torch.Tensor]):
+def _block_statistics(adapter: ModelAdapter, block: nn.Module, token_mask: List[torch.Tensor],
+                      timer: StageTimer):
     """Forward hooks accumulating, on the real tokens, the Gram each stage's spectra need: one
     shared input Gram for q/k/v and for gate/up, the output Gram of each linear whose input is
     wider than its output (down_proj). Returns (accumulators, output-route flags, handles)."""
@@ -95,7 +100,8 @@ def _block_statistics(adapter: ModelAdapter, block: nn.Module, token_mask: List[
 
             def hook(_m, args, out, rel=rel, use_out=use_out):
                 x = out if use_out else args[0]
-                accs[rel].update(x.detach()[token_mask[0]].float())
+                with timer("statistics"):      # inside planner_forward
+                    accs[rel].update(x.detach()[token_mask[0]].float())
             handles.append(mod.register_forward_hook(hook))
     return accs, output_route, handles
 
@@ -114,7 +120,9 @@ def _block_spectra(adapter: ModelAdapter, block: nn.Module, prefix: str, accs, o
 def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     batch_size: int = 8, progress: bool = False,
                     activation_dtype: torch.dtype = torch.float32,
-                    workdir: Optional[str] = None) -> Dict[str, LayerSpectrum]:
+                    workdir: Optional[str] = None,
+                    seconds: Optional[Dict[str, float]] = None,
+                    grad_samples: Optional[int] = DEFAULT_GRAD_SAMPLES) -> Dict[str, LayerSpectrum]:
     """Spectra and sensitivities of every compressible linear of the dense model, one block in
     memory at a time, so a streamed 70B model is planned in the memory one block takes.
 
@@ -129,16 +137,19 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
        Parameters get no gradients.
 
     The result equals a whole-model forward and backward (the chain rule, split at block
-    boundaries; inputs are saved exactly in ``activation_dtype``).
+    boundaries; inputs are saved exactly in ``activation_dtype``). ``grad_samples``: the
+    sensitivities come from the first this many sequences only (rounded up to whole
+    micro-batches; None: all), the spectra from all of them. ``seconds``, if given,
+    accumulates wall time under ``planner_*`` keys (capture, load, forward (statistics
+    included), statistics, spectra, head, backward (the recomputed forward included), io).
     """
-    adapter = source.adapter
+    timer = StageTimer(seconds if seconds is not None else {}, prefix="planner_")
     n_blocks = source.n_blocks
-    hidden, kwargs_list = capture_block_inputs(source, input_ids, attention_mask, batch_size, activation_dtype)
-    views = list(hidden.split(batch_size))
+    with timer("capture"):
+        hidden, kwargs_list = capture_block_inputs(source, input_ids, attention_mask, batch_size, activation_dtype)
     masks = [m.bool() for m in attention_mask.split(batch_size)]
-    current: List[torch.Tensor] = [masks[0]]       # the micro-batch's real-token mask, for hooks
-    raw: Dict[str, tuple] = {}
-    grad_sq: Dict[str, float] = {}
+    n_grad = hidden.shape[0] if grad_samples is None else \
+        min(hidden.shape[0], -(-_check_positive(grad_samples) // batch_size) * batch_size)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -146,79 +157,24 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
     try:
         with tempfile.TemporaryDirectory(prefix="rom_fast_planner-", dir=workdir) as tmp:
             saved = [Path(tmp) / f"input-{i:05d}.safetensors" for i in range(n_blocks)]
+            raw = {}
             for i in range(n_blocks):
-                block = source.load_block(i)
-                try:
-                    save_file({"hidden": hidden}, str(saved[i]))
-                    accs, output_route, handles = _block_statistics(adapter, block, current)
-                    try:
-                        with torch.inference_mode():
-                            for v, kw, m in zip(views, kwargs_list, masks):
-                                current[0] = m
-                                v.copy_(adapter.block_forward(block, v.float(), kw))
-                    finally:
-                        for h in handles:
-                            h.remove()
-                    raw.update(_block_spectra(adapter, block, adapter.block_prefix(i), accs, output_route))
-                    del accs
-                finally:
-                    source.release_block(i)
+                with timer("io"):
+                    write_safetensors(saved[i], {"hidden": hidden[:n_grad]})
+                raw.update(_forward_block(source, i, hidden, kwargs_list, masks, batch_size, timer))
                 if bar is not None:
                     bar.update(1)
-
-            # d(loss)/d(last block's outputs), a few hundred tokens at a time (norm and head act
-            # per token): the vocabulary-wide logits and their gradient stay small.
-            grads = torch.empty(hidden.shape, dtype=torch.float32)
-            grad_views = list(grads.split(batch_size))
-            targets = input_ids.roll(-1, dims=1).masked_fill(attention_mask.roll(-1, dims=1) == 0, -100)
-            targets[:, -1] = -100                       # the last position predicts nothing here
-            flat_hidden = hidden.view(-1, hidden.shape[-1])
-            flat_grads, flat_targets = grads.view(-1, grads.shape[-1]), targets.reshape(-1)
-            with source.head(), _frozen(source.model), torch.enable_grad():
-                for start in range(0, flat_hidden.shape[0], HEAD_CHUNK_TOKENS):
-                    rows = slice(start, start + HEAD_CHUNK_TOKENS)
-                    x = flat_hidden[rows].to(torch.float32, copy=True).requires_grad_(True)
-                    loss = nn.functional.cross_entropy(adapter.logits(x).float(), flat_targets[rows],
-                                                       reduction="sum")
-                    (gx,) = torch.autograd.grad(loss, x)
-                    flat_grads[rows].copy_(gx)
-                    del loss, gx, x
-            del views, hidden
-
+            with timer("head"):
+                grads = _loss_gradient(source, hidden[:n_grad], input_ids[:n_grad], attention_mask[:n_grad])
+            del hidden
+            grad_sq: Dict[str, float] = {}
             for i in reversed(range(n_blocks)):
-                block = source.load_block(i)
-                prefix = adapter.block_prefix(i)
-                try:
+                with timer("io"):
                     with safe_open(str(saved[i]), framework="pt") as f:
                         inputs = f.get_tensor("hidden")
                     saved[i].unlink()
-                    handles = []
-                    for rel in adapter.linear_names():
-                        name = prefix + rel
-                        grad_sq[name] = 0.0
-
-                        def on_grad(g, name=name):
-                            g = g.detach()[current[0]].reshape(-1)
-                            grad_sq[name] += float(torch.dot(g, g))   # float32 dot, summed in float64
-
-                        def forward_hook(_m, _a, out, on_grad=on_grad):
-                            if out.requires_grad:
-                                out.register_hook(on_grad)
-                        handles.append(block.get_submodule(rel).register_forward_hook(forward_hook))
-                    try:
-                        with _frozen(block), torch.enable_grad():
-                            for x, g, kw, m in zip(inputs.split(batch_size), grad_views, kwargs_list, masks):
-                                current[0] = m
-                                x = x.to(torch.float32, copy=True).requires_grad_(True)
-                                y = adapter.block_forward(block, x, kw)
-                                (gx,) = torch.autograd.grad(y, x, grad_outputs=g)
-                                g.copy_(gx)
-                    finally:
-                        for h in handles:
-                            h.remove()
-                    del inputs
-                finally:
-                    source.release_block(i)
+                grad_sq.update(_backward_block(source, i, inputs, grads, kwargs_list, masks, batch_size, timer))
+                del inputs
                 if bar is not None:
                     bar.update(1)
     finally:
@@ -226,9 +182,99 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
             bar.close()
 
     release_freed_memory()       # the backward passes' buffers, before compression's own
-    n_tokens = max(int(attention_mask.sum()), 1)
+    n_tokens = max(int(attention_mask[:n_grad].sum()), 1)
     return {name: LayerSpectrum(name, d_out, d_in, vals, grad_sq[name] / n_tokens / d_out)
             for name, (d_out, d_in, vals) in raw.items()}
+
+
+def _check_positive(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"grad_samples must be a positive integer, got {n!r}")
+    return n
+
+
+def _forward_block(source: BlockSource, i: int, hidden: torch.Tensor, kwargs_list, masks, batch_size: int,
+                   timer: StageTimer) -> Dict[str, tuple]:
+    """Block i over every sequence, in place in ``hidden``, with its stages' Grams accumulated
+    on the way; returns its linears' ``{name: (d_out, d_in, eigenvalues)}``."""
+    adapter = source.adapter
+    with timer("load"):
+        block = source.load_block(i)
+    try:
+        current = [masks[0]]           # the micro-batch's real-token mask, for the hooks
+        accs, output_route, handles = _block_statistics(adapter, block, current, timer)
+        try:
+            with timer("forward"), torch.inference_mode():
+                for v, kw, m in zip(hidden.split(batch_size), kwargs_list, masks):
+                    current[0] = m
+                    v.copy_(adapter.block_forward(block, v.float(), kw))
+        finally:
+            for h in handles:
+                h.remove()
+        with timer("spectra"):
+            return _block_spectra(adapter, block, adapter.block_prefix(i), accs, output_route)
+    finally:
+        source.release_block(i)
+
+
+def _loss_gradient(source: BlockSource, hidden: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+    """d(summed next-token loss)/d(last block's outputs), float32, a few hundred tokens at a
+    time (norm and head act per token): the vocabulary-wide logits and their gradient stay small."""
+    adapter = source.adapter
+    grads = torch.empty(hidden.shape, dtype=torch.float32)
+    targets = input_ids.roll(-1, dims=1).masked_fill(attention_mask.roll(-1, dims=1) == 0, -100)
+    targets[:, -1] = -100                       # the last position predicts nothing here
+    flat_hidden = hidden.view(-1, hidden.shape[-1])
+    flat_grads, flat_targets = grads.view(-1, grads.shape[-1]), targets.reshape(-1)
+    with source.head(), _frozen(source.model), torch.enable_grad():
+        for start in range(0, flat_hidden.shape[0], HEAD_CHUNK_TOKENS):
+            rows = slice(start, start + HEAD_CHUNK_TOKENS)
+            x = flat_hidden[rows].to(torch.float32, copy=True).requires_grad_(True)
+            loss = nn.functional.cross_entropy(adapter.logits(x).float(), flat_targets[rows], reduction="sum")
+            (gx,) = torch.autograd.grad(loss, x)
+            flat_grads[rows].copy_(gx)
+            del loss, gx, x
+    return grads
+
+
+def _backward_block(source: BlockSource, i: int, inputs: torch.Tensor, grads: torch.Tensor, kwargs_list,
+                    masks, batch_size: int, timer: StageTimer) -> Dict[str, float]:
+    """Recomputes block i from its saved ``inputs`` and backpropagates ``grads`` (its outputs'
+    gradient, replaced in place by its inputs' gradient); returns the summed squared
+    gradient of every linear's outputs on the real tokens."""
+    adapter = source.adapter
+    prefix = adapter.block_prefix(i)
+    with timer("load"):
+        block = source.load_block(i)
+    current = [masks[0]]
+    grad_sq: Dict[str, float] = {}
+    handles = []
+    try:
+        for rel in adapter.linear_names():
+            name = prefix + rel
+            grad_sq[name] = 0.0
+
+            def on_grad(g, name=name):
+                g = g.detach()[current[0]].reshape(-1)
+                grad_sq[name] += float(torch.dot(g, g))   # float32 dot, summed in float64
+
+            def forward_hook(_m, _a, out, on_grad=on_grad):
+                if out.requires_grad:
+                    out.register_hook(on_grad)
+            handles.append(block.get_submodule(rel).register_forward_hook(forward_hook))
+        with timer("backward"), _frozen(block), torch.enable_grad():
+            for x, g, kw, m in zip(inputs.split(batch_size), grads.split(batch_size), kwargs_list, masks):
+                current[0] = m
+                x = x.to(torch.float32, copy=True).requires_grad_(True)
+                y = adapter.block_forward(block, x, kw)
+                (gx,) = torch.autograd.grad(y, x, grad_outputs=g)
+                g.copy_(gx)
+    finally:
+        for h in handles:
+            h.remove()
+        source.release_block(i)
+    return grad_sq
 
 
 def _loss_curve(s: LayerSpectrum, weighting: str) -> np.ndarray:

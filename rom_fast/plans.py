@@ -93,6 +93,14 @@ def check_budget(ratio) -> float:
     return float(ratio)
 
 
+def check_reachable(shape: ModelShape, ratio: float) -> None:
+    """Refuses, before any work, a budget below what rank 1 in every compressible layer keeps."""
+    floor = shape.total_params - sum(a * b - min(a * b, a + b) for a, b in shape.shapes.values())
+    if ratio * shape.total_params < floor:
+        raise ValueError(f"a budget of {ratio:.0%} is below what rank 1 in every layer keeps "
+                         f"({floor / shape.total_params:.1%} of the {shape.total_params:,} parameters)")
+
+
 def last_k_plan(shape: ModelShape, ratio: float, k: int, label: Optional[str] = None) -> RankPlan:
     """Uniform module budget on the last ``k`` blocks, solved so the whole model keeps ``ratio``
     of its parameters (the paper's recipe; its budgets are per module, ours is solved from the

@@ -51,9 +51,9 @@ def _materialize(module: nn.Module, prefix: str, tensors: Dict[str, torch.Tensor
     module.load_state_dict(state, strict=False, assign=True)
 
 
-def block_state(block: nn.Module, prefix: str, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    """Block tensors named as in a checkpoint, in ``dtype``, detached and contiguous."""
-    return {prefix + k: v.detach().to(dtype).contiguous() for k, v in block.state_dict().items()}
+def block_state(block: nn.Module, prefix: str) -> Dict[str, torch.Tensor]:
+    """Block tensors named as in a checkpoint (detached views, no copy)."""
+    return {prefix + k: v.detach() for k, v in block.state_dict().items()}
 
 
 class BlockSource:
@@ -85,8 +85,12 @@ class BlockSource:
         raise NotImplementedError
 
     def block_tensors(self, i: int) -> Dict[str, torch.Tensor]:
-        """Block i as it is now (compressed or not), in the storage precision."""
-        return block_state(self.adapter.blocks()[i], self.adapter.block_prefix(i), self.storage_dtype)
+        """Block i as it is now (compressed or not), uncopied: write it in :meth:`block_dtype`."""
+        return block_state(self.adapter.blocks()[i], self.adapter.block_prefix(i))
+
+    def block_dtype(self, i: int) -> torch.dtype:
+        """The precision block i is written back in (the source's own)."""
+        return self.storage_dtype
 
     def original_block_tensors(self, i: int) -> Dict[str, torch.Tensor]:
         """Block i as the source holds it (for blocks a plan leaves dense)."""
@@ -144,7 +148,7 @@ class ModelSource(BlockSource):
             self.adapter.blocks()[i].to(self.storage_dtype)
 
     def original_block_tensors(self, i: int) -> Dict[str, torch.Tensor]:
-        return self.block_tensors(i)
+        return {k: v.to(self.storage_dtype) for k, v in self.block_tensors(i).items()}
 
     def outer_tensors(self) -> Dict[str, torch.Tensor]:
         a = self.adapter
@@ -272,9 +276,8 @@ class DirectorySource(BlockSource):
             self._loaded.discard(i)
             release_freed_memory()
 
-    def block_tensors(self, i: int) -> Dict[str, torch.Tensor]:
-        dtype = self._block_dtypes.get(i, self.storage_dtype)
-        return block_state(self.adapter.blocks()[i], self.adapter.block_prefix(i), dtype)
+    def block_dtype(self, i: int) -> torch.dtype:
+        return self._block_dtypes.get(i, self.storage_dtype)
 
     def original_block_tensors(self, i: int) -> Dict[str, torch.Tensor]:
         return self.index.load(self.index.keys_with_prefix(self.adapter.block_prefix(i)))

@@ -8,6 +8,7 @@ real-model perplexity check is marked ``slow``.
 """
 
 import importlib.util
+import json
 import math
 import os
 import random
@@ -428,3 +429,69 @@ def test_smollm2_wikitext2_perplexity():
     out = ev.wikitext2_perplexity(model, tok, window=512, max_windows=40, batch_size=4)
     assert out["n_windows"] == 40 and out["n_tokens"] == 40 * 511
     assert out["perplexity"] == pytest.approx(25.62, abs=0.02)
+
+
+# ---------------------------------------------------------------------------
+# block by block, from a directory
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_model, tokenizer):
+    path = tmp_path_factory.mktemp("dense")
+    tiny_model.save_pretrained(path, max_shard_size="2MB")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_streamed_directory_scores_like_the_model_in_memory(tmp_path, tiny_model, tokenizer, model_dir,
+                                                             monkeypatch):
+    from rom_fast import blockwise
+    from rom_fast.sources import DirectorySource
+
+    source = DirectorySource(model_dir)
+    assert len(list(model_dir.glob("*.safetensors"))) > 1
+    path = tmp_path / "text.txt"
+    path.write_text(_pseudo_text(), encoding="utf-8")
+    # A small activation budget: several groups, each reading every block once.
+    monkeypatch.setattr(blockwise, "DEFAULT_ACTIVATION_BUDGET", 64 * 64 * 70 * 4 * 2)
+    loads = []
+    load_block = DirectorySource.load_block
+    monkeypatch.setattr(DirectorySource, "load_block", lambda self, i: loads.append(i) or load_block(self, i))
+    for batch_size in (1, 3):
+        a = ev.wikitext2_perplexity(tiny_model, tokenizer, str(path), window=64, batch_size=batch_size)
+        b = ev.wikitext2_perplexity(source, tokenizer, str(path), window=64, batch_size=batch_size)
+        assert b["n_tokens"] == a["n_tokens"]
+        assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-6)
+    n_groups = loads.count(0)
+    assert 1 < n_groups < len(loads) and loads.count(1) == n_groups    # groups, not batches
+    for batch_size in (1, 4):
+        expected = ev.loglikelihoods(tiny_model, tokenizer, _REQUESTS, batch_size=batch_size)
+        got = ev.loglikelihoods(source, tokenizer, _REQUESTS, batch_size=batch_size)
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    assert not any(p.device.type != "meta" for n, p in source.model.named_parameters()
+                   if n.startswith("model.layers."))          # nothing left loaded
+
+
+def test_cli_plan_compress_eval_on_a_directory(tmp_path, model_dir, tokenizer, capsys):
+    from rom_fast.cli import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text(_pseudo_text(n_words=20000, seed=1), encoding="utf-8")
+    common = ["--calibration", str(text), "--n-samples", "24", "--seq-len", "32"]
+    assert main(["plan", str(model_dir), "--budget", "0.995", "--json", str(tmp_path / "plan.json"), *common]) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["details"]["kind"] == "planned" and plan["ranks"]
+    out = tmp_path / "rom"
+    assert main(["compress", str(model_dir), "--budget", "0.995", "--planner-samples", "24", "--out", str(out),
+                 "--eval-windows", "0", *common]) == 0
+    printed = capsys.readouterr().out
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rom_fast"]["plan"]["ranks"] == plan["ranks"]          # same planner, same tokens
+    summary = cfg["rom_fast"]["summary"]
+    assert f"{summary['params_before']:,} -> {summary['params_after']:,}" in printed
+    assert main(["eval", str(out), "--max-windows", "1", "--window", "64", "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["parameters"] == summary["params_after"]
+    # The same command again: out exists, refused in one line, nothing done.
+    assert main(["compress", str(model_dir), "--budget", "0.995", "--out", str(out), *common]) == 2
+    assert "already exists" in capsys.readouterr().err

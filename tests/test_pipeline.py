@@ -305,7 +305,7 @@ def test_block_outputs_reuse_the_dense_down_outputs_exactly(centered):
     """The block's outputs are finished from y = down(act) (no second gate/up pass); they must
     equal a plain forward of the compressed block, biases and centring included."""
     from rom_fast.blockwise import capture_block_inputs
-    from rom_fast.pipeline import BlockCompressor, CompressionOptions, CompressionReport, _Timer
+    from rom_fast.pipeline import BlockCompressor, CompressionOptions, CompressionReport, StageTimer
     from rom_fast.sources import ModelSource
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(**TINY, mlp_bias=True, attention_bias=True)
@@ -321,7 +321,7 @@ def test_block_outputs_reuse_the_dense_down_outputs_exactly(centered):
     inputs = [h.clone() for h in hiddens]
     report = CompressionReport()
     compressor = BlockCompressor(adapter, CompressionOptions(centered=centered, batch_size=8), report,
-                                 _Timer(report.seconds))
+                                 StageTimer(report.seconds))
     block = adapter.blocks()[0]
     ranks = {n: 12 for n in LINEARS}
     compressor.compress(block, "model.layers.0.", hiddens, kwargs_list, [m.bool() for m in mask.split(8)], ranks)

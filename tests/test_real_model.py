@@ -52,3 +52,26 @@ def test_smollm2_matches_reference_perplexity_and_subspaces():
         angles = scipy.linalg.subspace_angles(w1[:, :half], v_ref[:half].T.numpy())
         worst = max(worst, float(angles.max()))
     assert worst < 1e-2, worst
+
+
+def test_smollm2_streamed_from_a_directory_plans_and_compresses_like_in_memory(tmp_path):
+    """The issue-13 bar: SmolLM2 saved as a float32 safetensors directory, compressed streamed
+    with budget=0.8, gets the in-memory planner's ranks and its perplexity within 1%."""
+    from rom_fast.evaluate import wikitext2_perplexity
+    from rom_fast.models import load_model
+
+    torch.set_num_threads(2)
+    model, tok = load_model("smollm2")
+    model.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    calib = calibration_tokens("wiki", tok, n_samples=128, seq_len=128, seed=0)
+    kw = dict(calibration={"input_ids": calib.input_ids, "attention_mask": calib.attention_mask}, budget=0.8,
+              n_samples=128, seq_len=128, progress=False)
+    in_memory = rom_fast.compress(model, tokenizer=tok, **kw)
+    streamed = rom_fast.compress(tmp_path / "dense", out=tmp_path / "rom", **kw)
+    assert streamed.plan.details["kind"] == "planned"
+    assert streamed.plan.ranks == in_memory.plan.ranks
+    p_memory = wikitext2_perplexity(in_memory.model, tok, window=512, max_windows=10)["perplexity"]
+    source = rom_fast.open_source(tmp_path / "rom")                       # evaluated block by block
+    p_streamed = wikitext2_perplexity(source, tok, window=512, max_windows=10)["perplexity"]
+    assert abs(p_streamed - p_memory) <= 0.01 * p_memory, (p_streamed, p_memory)

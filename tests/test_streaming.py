@@ -249,3 +249,21 @@ def test_generated_calibration_streams_and_matches_in_memory(tmp_path):
     with torch.no_grad():
         full = model(a.input_ids[:, :8]).logits[:, -1]
     assert torch.isfinite(full).all()
+
+
+def test_streaming_safetensors_writer_round_trips_through_the_library(tmp_path):
+    from rom_fast.safetensors_index import read_header, write_safetensors
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).to(torch.bfloat16),
+               "c": torch.arange(6, dtype=torch.int64).view(2, 3), "scalar": torch.tensor(2.5),
+               "empty": torch.zeros(0, 4), "strided": torch.randn(4, 6, generator=g)[:, ::2]}
+    write_safetensors(tmp_path / "x.safetensors", tensors)
+    write_safetensors(tmp_path / "h.safetensors", tensors, dtype=torch.float16)
+    assert set(read_header(tmp_path / "x.safetensors")) == set(tensors)
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        for k, v in tensors.items():
+            assert torch.equal(f.get_tensor(k), v), k
+    with safe_open(str(tmp_path / "h.safetensors"), framework="pt") as f:
+        for k, v in tensors.items():
+            want = v.to(torch.float16) if v.dtype.is_floating_point else v
+            assert f.get_tensor(k).dtype == want.dtype and torch.equal(f.get_tensor(k), want), k
