@@ -42,9 +42,7 @@ def uniform_ranks(n_blocks: int) -> dict:
 
 # -- memory and time per block ------------------------------------------------------------
 def child_compress(directory: str, n_samples: int, seq_len: int, activation_dtype: str) -> None:
-    """Runs in its own process; prints one JSON line."""
-    import resource
-
+    """Runs in its own process; prints one JSON line (its peak_rss_bytes: VmHWM, its own)."""
     import rom_fast
     n_blocks = json.loads(open(os.path.join(directory, "config.json")).read())["num_hidden_layers"]
     ids = random_token_ids(n_samples, seq_len)
@@ -52,7 +50,6 @@ def child_compress(directory: str, n_samples: int, seq_len: int, activation_dtyp
         out = os.path.join(tmp, "rom")
         summary = rom_fast.compress(directory, calibration=ids, ranks=uniform_ranks(n_blocks), out=out,
                                     activation_dtype=activation_dtype, progress=False).summary
-    summary["ru_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print("RESULT " + json.dumps(summary), flush=True)
 
 
@@ -74,10 +71,10 @@ def bench_memory(a) -> None:
         products = sec.get("factorize", 0.0) - sec.get("eigensolver", 0.0)
         other = sec["total"] - sec.get("forward", 0) - sec.get("statistics", 0) - sec.get("factorize", 0)
         row = {"blocks": n, "n_samples": a.n_samples, "seq_len": a.seq_len,
-               "activation_dtype": a.activation_dtype, "peak_rss_bytes": s["ru_maxrss_bytes"],
+               "activation_dtype": a.activation_dtype, "peak_rss_bytes": s["peak_rss_bytes"],
                "seconds": sec, "params_before": s["params_before"], "params_after": s["params_after"]}
         rows.append(row)
-        print(f"| {n} | {a.activation_dtype} | {s['ru_maxrss_bytes'] / 2**30:.2f} | {sec['total']:.0f} "
+        print(f"| {n} | {a.activation_dtype} | {s['peak_rss_bytes'] / 2**30:.2f} | {sec['total']:.0f} "
               f"| {sec.get('forward', 0) / n:.1f} | {sec.get('statistics', 0) / n:.1f} "
               f"| {sec.get('eigensolver', 0) / n:.1f} | {products / n:.1f} | {other / n:.1f} |", flush=True)
     _write(f"scale_memory_{a.n_samples}x{a.seq_len}_{a.activation_dtype}.json",

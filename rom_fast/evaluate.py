@@ -5,7 +5,11 @@ Every function here takes any causal language model that can be called as
 ``.logits`` tensor of shape ``[batch, seq, vocab]`` (every transformers
 ``*ForCausalLM`` does), dense or compressed, plus its tokenizer.  Nothing is
 modified: the model is switched to ``eval()`` for the call and its previous
-train/eval mode is restored afterwards.
+train/eval mode is restored afterwards.  A streamed
+:class:`~rom_fast.sources.BlockSource` (``rom_fast.open_source(directory)``)
+is run block by block (:func:`rom_fast.blockwise.forward_logits`): batches
+are grouped so that their hidden states fit a memory budget and each group
+reads every block once; the numbers are those of the model's own forward.
 
 Data
 ----

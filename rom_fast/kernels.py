@@ -156,11 +156,9 @@ def output_spectrum(weight, factor: InputFactor, bias=None) -> np.ndarray:
     """All nonzero-capable eigenvalues of the layer's output second moment, descending.
 
     ``sum(values[r:])`` is the exact squared error of the rank-r fit: what a rank planner needs.
+    ``weight`` (and ``bias``) float32 or float64; the arithmetic is float64 either way.
     """
-    w = as_array(weight, "weight")
-    if w.dtype != np.float64:
-        raise TypeError("weight must be float64 for output_spectrum (convert it explicitly)")
-    return _core.output_spectrum(w, factor, as_optional(bias, "bias"))
+    return _core.output_spectrum(as_array(weight, "weight"), factor, as_optional(bias, "bias"))
 
 
 def lowrank_apply(x, w1, w2, b1=None) -> np.ndarray:

@@ -109,8 +109,8 @@ class BlockCompressor:
         self._scratch: Dict[tuple, torch.Tensor] = {}
 
     def _scratch_batches(self, hiddens: List[torch.Tensor], width: int) -> List[torch.Tensor]:
-        """Views of one reusable (tokens × width) buffer shaped like ``hiddens``: the attention
-        outputs, then the dense down outputs, of every block live in the same memory."""
+        """Views of one reusable (tokens × width) buffer shaped like ``hiddens``: a block's dense
+        down outputs and the next block's attention outputs live in the same memory."""
         n = sum(h.shape[0] for h in hiddens)
         key = (n,) + tuple(hiddens[0].shape[1:-1]) + (width, hiddens[0].dtype)
         if key not in self._scratch:
@@ -120,20 +120,25 @@ class BlockCompressor:
 
     # -- statistics -> factors ------------------------------------------------------------
     def _factorize_input_stage(self, block: nn.Module, prefix: str, names, ranks, acc):
+        """Factorizes the linears of one stage from their shared input statistics. Takes the
+        caller's only reference to ``acc``: it is freed once the input factor is built, and
+        each dense weight once its factors are in place (a 7B block's peak is here)."""
         todo = [n for n in names if n in ranks]
         if not todo:
             return
         with self.timer("factorize"):
-            linears = {n: block.get_submodule(n) for n in todo}
-            has_bias = any(lin.bias is not None for lin in linears.values())
+            has_bias = any(block.get_submodule(n).bias is not None for n in todo)
             factor = kernels.input_factor(acc, centered=self.options.centered,
                                           with_bias=has_bias and not self.options.centered)
-            for name, lin in linears.items():
+            del acc
+            for name in todo:
+                lin = block.get_submodule(name)
                 bias = None if lin.bias is None else lin.bias.detach().numpy()
                 f = kernels.factorize(lin.weight.detach().numpy(), factor, ranks[name],
                                       centered=self.options.centered, bias=bias,
                                       method=self.options.eigen_method)
                 self._replace(block, prefix, name, lin, f, "input-gram")
+                del lin, f
 
     def _replace(self, block, prefix, name, lin, f: kernels.Factorization, route: str):
         self.report.seconds["eigensolver"] += f.eigen_seconds   # part of "factorize"
@@ -143,6 +148,14 @@ class BlockCompressor:
         energy = f.eigenvalues.sum() / f.total_energy if f.total_energy > 0 else 1.0
         self.report.layers.append(LayerRecord(prefix + name, lin.out_features, lin.in_features,
                                               f.rank, float(energy), route))
+
+    def _gram(self, batches, token_masks) -> kernels.GramAccumulator:
+        """Gram of stored activations over the real tokens (o_proj's input)."""
+        acc = kernels.GramAccumulator(batches[0].shape[-1])
+        with self.timer("statistics"):
+            for x, m in zip(batches, token_masks):
+                acc.update(_rows(x, m))
+        return acc
 
     def _normed_input_gram(self, norm, hiddens, token_masks) -> kernels.GramAccumulator:
         """Gram of norm(h) over the real tokens: the input shared by q/k/v, or by gate/up."""
@@ -172,8 +185,8 @@ class BlockCompressor:
 
         # 1. q/k/v from the attention input.
         if any(n in ranks for n in stages[0].linears):
-            acc = self._normed_input_gram(norm1, hiddens, token_masks)
-            self._factorize_input_stage(block, prefix, stages[0].linears, ranks, acc)
+            self._factorize_input_stage(block, prefix, stages[0].linears, ranks,
+                                        self._normed_input_gram(norm1, hiddens, token_masks))
 
         # 2. o_proj from the attention output (computed once, with q/k/v compressed).
         out_proj = attn.get_submodule(a.out_proj)
@@ -183,21 +196,21 @@ class BlockCompressor:
                 for h, kw, o in zip(hiddens, kwargs_list, attn_out):
                     o.copy_(attention(h, kw))
         if any(n in ranks for n in stages[1].linears):
-            acc = kernels.GramAccumulator(attn_out[0].shape[-1])
-            with self.timer("statistics"):
-                for o, m in zip(attn_out, token_masks):
-                    acc.update(_rows(o, m))
-            self._factorize_input_stage(block, prefix, stages[1].linears, ranks, acc)
+            self._factorize_input_stage(block, prefix, stages[1].linears, ranks, self._gram(attn_out, token_masks))
         out_proj = attn.get_submodule(a.out_proj)   # compressed now
         with self.timer("forward"):
             for h, o in zip(hiddens, attn_out):
                 h.add_(out_proj(o.float()))
         del attn_out
+        # The gate/up factorization is a block's memory peak (a 7B gate_proj's factorization
+        # takes 0.9 GiB): the idle scratch buffer goes first (one mmap'd allocation, returned
+        # to the OS at once; the down stage allocates it again).
+        self._scratch.clear()
 
         # 3. gate/up from the MLP input.
         if any(n in ranks for n in stages[2].linears):
-            acc = self._normed_input_gram(norm2, hiddens, token_masks)
-            self._factorize_input_stage(block, prefix, stages[2].linears, ranks, acc)
+            self._factorize_input_stage(block, prefix, stages[2].linears, ranks,
+                                        self._normed_input_gram(norm2, hiddens, token_masks))
 
         # 4. down_proj from the MLP hidden activations (gate/up compressed).
         (down_name,) = stages[3].linears

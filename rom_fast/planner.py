@@ -60,11 +60,10 @@ class LayerSpectrum:
 
 
 @torch.no_grad()
-def _spectrum(weight: torch.Tensor, acc: kernels.GramAccumulator, output_gram: bool) -> np.ndarray:
-    if output_gram:
-        vals = kernels.eigenvalues(acc.gram)
-    else:
-        vals = kernels.output_spectrum(weight.detach().double().numpy(), kernels.input_factor(acc))
+def _spectrum(weight: torch.Tensor, stats, output_gram: bool) -> np.ndarray:
+    """A linear's output spectrum from its output Gram, or from the input factor it shares."""
+    vals = kernels.eigenvalues(stats.gram) if output_gram else \
+        kernels.output_spectrum(weight.detach().numpy(), stats)
     vals = np.clip(np.asarray(vals, dtype=np.float64), 0.0, None)
     return np.sort(vals)[::-1]
 
@@ -107,13 +106,20 @@ def _block_statistics(adapter: ModelAdapter, block: nn.Module, token_mask: List[
 
 
 def _block_spectra(adapter: ModelAdapter, block: nn.Module, prefix: str, accs, output_route):
+    """Spectra of a block's linears, one stage at a time: each shared input factor is built
+    once, and each Gram is dropped as soon as its stage is done (``accs`` is emptied)."""
     out = {}
     for stage in adapter.stages:
+        shared = None
         for rel in stage.linears:
-            source = rel if rel in accs else stage.linears[0]      # shared input
             mod = block.get_submodule(rel)
-            out[prefix + rel] = (mod.out_features, mod.in_features,
-                                 _spectrum(mod.weight, accs[source], output_route[source]))
+            if rel in accs and output_route[rel]:
+                vals = _spectrum(mod.weight, accs.pop(rel), output_gram=True)
+            else:
+                if shared is None:
+                    shared = kernels.input_factor(accs.pop(stage.linears[0]))
+                vals = _spectrum(mod.weight, shared, output_gram=False)
+            out[prefix + rel] = (mod.out_features, mod.in_features, vals)
     return out
 
 

@@ -368,6 +368,11 @@ def test_shared_input_factor_and_spectrum():
         spec = rom_fast.output_spectrum(w, factor)
         ref = np.linalg.svd(x @ w.T, compute_uv=False) ** 2
         np.testing.assert_allclose(spec, ref[: spec.size], rtol=1e-8, atol=1e-10 * ref[0])
+        # A float32 weight is read as it is: the spectrum of exactly that weight, in float64.
+        w32 = w.astype(np.float32)
+        spec32 = rom_fast.output_spectrum(w32, factor)
+        ref32 = np.linalg.svd(x @ w32.astype(np.float64).T, compute_uv=False) ** 2
+        np.testing.assert_allclose(spec32, ref32[: spec32.size], rtol=1e-8, atol=1e-10 * ref32[0])
     with pytest.raises(ValueError, match="centered"):
         rom_fast.factorize(w, factor, 4, centered=True)
 

@@ -40,12 +40,12 @@ def test_one_7b_shaped_block_streams_under_4_gib(tmp_path):
     factored = sum(module_rank(a, b) * (a + b) for a, b in SHAPES.values())
     assert s["params_before"] - s["params_after"] == dense_block - factored
     # The bf16 checkpoint alone is 0.93 GiB; float32 embedding + head would be 1 GiB more.
-    assert s["ru_maxrss_bytes"] < 4 * GIB, s["ru_maxrss_bytes"] / GIB
+    assert s["peak_rss_bytes"] < 4 * GIB, s["peak_rss_bytes"] / GIB
     assert s["seconds"]["eigensolver"] > 0
 
 
 @pytest.mark.slow
 def test_peak_memory_does_not_grow_with_depth(tmp_path):
-    peaks = [compress_in_child(write_llama7b_shaped(tmp_path / f"llama7b-{n}", n))["ru_maxrss_bytes"]
+    peaks = [compress_in_child(write_llama7b_shaped(tmp_path / f"llama7b-{n}", n))["peak_rss_bytes"]
              for n in (1, 2)]
     assert peaks[1] < 1.1 * peaks[0], [p / GIB for p in peaks]

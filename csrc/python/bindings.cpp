@@ -271,14 +271,17 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "output_spectrum",
       [](const py::object& wo, const rom_fast::InputFactor& factor, const py::object& bias) {
-        py::array w = checked(wo, "weight", 2, Want::F64);
+        py::array w = checked(wo, "weight", 2, Want::Either);
         const index_t d_out = w.shape(0), d_in = w.shape(1);
         py::array keep;
-        const auto* b = static_cast<const double*>(optional_vector(bias, "bias", d_out, Want::F64, keep));
+        const void* b = optional_vector(bias, "bias", d_out, is_f32(w) ? Want::F32 : Want::F64, keep);
         std::vector<double> v;
         {
           py::gil_scoped_release release;
-          v = rom_fast::output_spectrum(static_cast<const double*>(w.data()), d_out, d_in, b, factor);
+          v = is_f32(w) ? rom_fast::output_spectrum(static_cast<const float*>(w.data()), d_out, d_in,
+                                                    static_cast<const float*>(b), factor)
+                        : rom_fast::output_spectrum(static_cast<const double*>(w.data()), d_out, d_in,
+                                                    static_cast<const double*>(b), factor);
         }
         return to_numpy(v, {static_cast<py::ssize_t>(v.size())});
       },

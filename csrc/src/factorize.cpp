@@ -155,25 +155,32 @@ void assemble(const T* weight, index_t m, index_t n, const double* bias,
 // in min(d_out, k) dimensions.
 std::vector<double> output_eigenvectors(const std::vector<double>& b, index_t m, index_t k,
                                         index_t r, EigenMethod method, LowRankFactors& out) {
-  std::vector<double> vr(static_cast<std::size_t>(r * m), 0.0);
   out.eigenvalues.assign(static_cast<std::size_t>(r), 0.0);
   out.total_energy = 0.0;
   for (double v : b) out.total_energy += v * v;
-  if (k == 0) return vr;  // no energy at all: any V_r is optimal; zeros keep the layer silent
+  if (k == 0) {  // no energy at all: any V_r is optimal; zeros keep the layer silent
+    return std::vector<double>(static_cast<std::size_t>(r * m), 0.0);
+  }
   const blas_int bm = to_blas(m, "d_out"), bk = to_blas(k, "rank");
   const double one = 1.0, zero = 0.0;
   if (m <= k) {
+    std::vector<double> vr(static_cast<std::size_t>(r * m), 0.0);
     std::vector<double> cy(static_cast<std::size_t>(m * m));
     dsyrk_f("L", "N", &bm, &bk, &one, b.data(), &bm, &zero, cy.data(), &bm, 1, 1);
     timed_top_eigenpairs(cy.data(), m, r, out.eigenvalues.data(), vr.data(), method, out);
     return vr;
   }
   // d_out > k: C_y and G = B^T B share their nonzero eigenvalues; u_i = B q_i / sqrt(l_i).
+  // V_r (r x d_out) is allocated only after G and the eigensolver's workspace are gone: for a
+  // 7B gate_proj that keeps 121 MB off the factorization's peak.
   const index_t re = std::min(r, k);
-  std::vector<double> g(static_cast<std::size_t>(k * k));
-  dsyrk_f("L", "T", &bk, &bm, &one, b.data(), &bm, &zero, g.data(), &bk, 1, 1);
   std::vector<double> q(static_cast<std::size_t>(re * k));
-  timed_top_eigenpairs(g.data(), k, re, out.eigenvalues.data(), q.data(), method, out);
+  {
+    std::vector<double> g(static_cast<std::size_t>(k * k));
+    dsyrk_f("L", "T", &bk, &bm, &one, b.data(), &bm, &zero, g.data(), &bk, 1, 1);
+    timed_top_eigenpairs(g.data(), k, re, out.eigenvalues.data(), q.data(), method, out);
+  }
+  std::vector<double> vr(static_cast<std::size_t>(r * m), 0.0);
   // Row-major Q (re x k) is column-major k x re; V_r (re x m row-major) is column-major U.
   const blas_int bre = to_blas(re, "rank");
   dgemm_f("N", "N", &bm, &bre, &bk, &one, b.data(), &bm, q.data(), &bk, &zero, vr.data(), &bm, 1,
@@ -342,8 +349,11 @@ LowRankFactors factorize_layer_output_gram(const float* weight, index_t d_out, i
                                     colsum_out, count, centering, rank, method);
 }
 
-std::vector<double> output_spectrum(const double* weight, index_t d_out, index_t d_in,
-                                    const double* bias, const InputFactor& factor) {
+namespace {
+
+template <class T>
+std::vector<double> output_spectrum_impl(const T* weight, index_t d_out, index_t d_in,
+                                         const double* bias, const InputFactor& factor) {
   check_layer(weight, d_out, d_in, bias, 1);
   require(factor.dim() == d_in, "factor dimension does not match the weight's d_in");
   const index_t k = factor.rank();
@@ -359,6 +369,19 @@ std::vector<double> output_spectrum(const double* weight, index_t d_out, index_t
     dsyrk_f("L", "T", &bk, &bm, &one, b.data(), &bm, &zero, c.data(), &bk, 1, 1);
   }
   return detail::eigenvalues_inplace(c.data(), s);
+}
+
+}  // namespace
+
+std::vector<double> output_spectrum(const double* weight, index_t d_out, index_t d_in,
+                                    const double* bias, const InputFactor& factor) {
+  return output_spectrum_impl(weight, d_out, d_in, bias, factor);
+}
+
+std::vector<double> output_spectrum(const float* weight, index_t d_out, index_t d_in,
+                                    const float* bias, const InputFactor& factor) {
+  const std::vector<double> b = bias ? widen(bias, d_out) : std::vector<double>();
+  return output_spectrum_impl(weight, d_out, d_in, bias ? b.data() : nullptr, factor);
 }
 
 }  // namespace rom_fast

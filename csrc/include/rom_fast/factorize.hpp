@@ -96,8 +96,11 @@ LowRankFactors factorize_layer_output_gram(const float* weight, index_t d_out, i
                                            EigenMethod method = EigenMethod::Auto);
 
 /// All eigenvalues of C_y (descending; min(d_out, k) of them, the rest are zero): the exact
-/// truncation loss of every rank, sum(values[r:]), for rank planning.
+/// truncation loss of every rank, sum(values[r:]), for rank planning. Float32 weights are read
+/// as they are (the arithmetic is float64).
 std::vector<double> output_spectrum(const double* weight, index_t d_out, index_t d_in,
                                     const double* bias, const InputFactor& factor);
+std::vector<double> output_spectrum(const float* weight, index_t d_out, index_t d_in,
+                                    const float* bias, const InputFactor& factor);
 
 }  // namespace rom_fast
