@@ -29,6 +29,15 @@ def _preload_openblas() -> None:
 
 _preload_openblas()
 
-from rom_fast import _core  # noqa: E402
+try:
+    from rom_fast import _core  # noqa: E402
+except ImportError as exc:
+    # The usual cause: Python found the source tree (e.g. run from the repository root) before
+    # the installed package, and the source tree has no built extension.
+    here = os.path.dirname(os.path.abspath(__file__))
+    raise ImportError(
+        f"rom_fast's native core (_core) is not built in {here}: this is probably the source tree "
+        "shadowing the installed package; run from another directory, or build it in place with "
+        "`pip install -e . --no-build-isolation`") from exc
 
 __all__ = ["_core"]

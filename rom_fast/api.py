@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import resource
 import shlex
 import sys
@@ -25,7 +26,7 @@ from rom_fast import planner, plans
 from rom_fast.calibration import CalibrationBatch, calibration_tokens, default_calibration, default_data_dir
 from rom_fast.checkpoint import factorized_layers, load, write_metadata
 from rom_fast.lowrank import apply_structure, merge_lowrank
-from rom_fast.output import ResumableOutput
+from rom_fast.output import ResumableOutput, check_replaceable
 from rom_fast.pipeline import CompressionOptions, CompressionReport, LayerRecord, compress_blocks
 from rom_fast.sources import BlockSource, open_source, release_freed_memory
 
@@ -243,8 +244,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
     _check_int("eval_windows", eval_windows, 0)
     if out is not None:
         out = Path(out)
-        if out.exists() and not overwrite:
-            raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+        check_replaceable(out, overwrite, model if isinstance(model, (str, os.PathLike)) else None)
     source = open_source(model, tokenizer)
     tok = source.tokenizer
     if calibration is None:

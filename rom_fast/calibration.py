@@ -9,6 +9,7 @@ fixed-shape :class:`CalibrationBatch`. Padding is always on the right and always
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ import random
 import torch
 
 # Named local corpora: name -> file under <data_dir>/calibration_text/.
+HUB_PREFIX = "hf:"          # the explicit opt-in for a Hugging Face dataset name
 NAMED_TEXTS = {
     "wiki": "exllamav2_wiki.utf8",
     "c4": "exllamav2_c4.utf8",
@@ -101,9 +103,10 @@ def calibration_tokens(
           used as is: rows past n_samples are dropped, a batch with fewer rows is kept
           whole, columns past seq_len are dropped, a shorter s is kept; a bare tensor
           gets an all-ones mask.
-        - any other string that is not an existing path: a Hugging Face dataset name
-          (``"text"`` column of the train split), only with ``datasets`` installed and
-          ``HF_HUB_OFFLINE`` not ``"1"``.
+        - ``"hf:NAME"``: the Hugging Face dataset NAME (``"text"`` column of the train
+          split), only with ``datasets`` installed and ``HF_HUB_OFFLINE`` not ``"1"``; the
+          only source that may download, and only when asked by that prefix. Any other
+          string that is neither a file nor a named corpus is a ValueError.
 
     Documents (JSON/JSONL, list, dataset) are tokenized one by one (tokenizer defaults);
     empty ones are dropped. ``seed`` int: n_samples documents drawn with
@@ -163,9 +166,16 @@ def calibration_tokens(
             return _text_batch(path, tokenizer, n_samples, seq_len, seed)
         if path.exists():
             raise ValueError(f"source {str(source)!r} exists but is not a file")
+        if isinstance(source, str) and source.startswith(HUB_PREFIX):
+            return _dataset_batch(source[len(HUB_PREFIX):], tokenizer, n_samples, seq_len, seed)
         if isinstance(source, os.PathLike) or _looks_like_path(source):
             raise FileNotFoundError(f"source file {str(source)!r} does not exist")
-        return _dataset_batch(source, tokenizer, n_samples, seq_len, seed)
+        # Never sent to the hub unasked: a typo must not turn into a download.
+        names = [*NAMED_TEXTS, "combination", "generated"]
+        close = difflib.get_close_matches(source, names, n=1)
+        raise ValueError(f"calibration {source!r} is not an existing file or a named corpus "
+                         f"({', '.join(names)})" + (f"; did you mean {close[0]!r}?" if close else "")
+                         + f"; a Hugging Face dataset is opted into as '{HUB_PREFIX}{source}'")
     raise TypeError(
         f"source must be a path, a named corpus, 'combination', a list of strings, a token "
         f"tensor or (input_ids, attention_mask); got {type(source).__name__}"
@@ -418,8 +428,7 @@ def _dataset_batch(name, tokenizer, n_samples, seq_len, seed) -> CalibrationBatc
     online = os.environ.get("HF_HUB_OFFLINE", "") != "1"
     if importlib.util.find_spec("datasets") is None or not online:
         raise ValueError(
-            f"source {name!r} is not an existing file, a named corpus "
-            f"({', '.join(NAMED_TEXTS)}) or 'combination'; Hugging Face dataset names need "
+            f"calibration '{HUB_PREFIX}{name}' (a Hugging Face dataset) needs "
             f"the 'datasets' package and network access (HF_HUB_OFFLINE not 1)"
         )
     from datasets import load_dataset  # pragma: no cover

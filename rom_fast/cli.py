@@ -27,8 +27,8 @@ def _add_compress(sub) -> None:
     p.add_argument("--calibration", default=None,
                    help="calibration data: a text/.jsonl/.json file, 'wiki', 'c4', 'shakespeare' (the files under "
                         "../shared/data/calibration_text), 'combination' (the paper's task mix from the train splits), "
-                        "'generated' (data-free: sampled from the model) (default: wiki when ../shared/data is "
-                        "present, else generated)")
+                        "'generated' (data-free: sampled from the model), 'hf:NAME' (a Hugging Face dataset, downloaded; "
+                        "needs the datasets package) (default: wiki when ../shared/data is present, else generated)")
     plan = p.add_mutually_exclusive_group()
     plan.add_argument("--recipe", choices=["paper", "paper-90", "paper-80", "paper-50"],
                       help="the paper's last-k recipe instead of the rank planner: 'paper' at --budget (k "
@@ -146,7 +146,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--window", type=int, default=2048, help="perplexity window (clipped to the model's context)")
     p.add_argument("--max-windows", type=int, default=None, help="only the first N perplexity windows")
     p.add_argument("--tasks", nargs="*", default=None,
-                   help="zero-shot tasks (boolq piqa hellaswag winogrande arc_easy arc_challenge); none: perplexity only")
+                   help="zero-shot tasks (boolq piqa hellaswag winogrande arc_easy arc_challenge); "
+                        "--tasks alone: all six; omitted: perplexity only")
     p.add_argument("--limit", type=int, default=None, help="items per task (seeded random subset)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
@@ -232,11 +233,21 @@ def run_clean(args) -> int:
     return 0
 
 
+def _version() -> str:
+    """The installed distribution's version, without importing torch or the native core."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("rom_fast")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="rom-fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--version", action="version", version=f"rom-fast {_version()}")
     _add_compress(sub)
     _add_plan(sub)
     _add_eval(sub)
@@ -254,11 +265,21 @@ def main(argv=None) -> int:
         hint = "; rerun the same command to resume" if getattr(args, "out", None) else ""
         print(f"rom-fast: interrupted{hint}", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, NotImplementedError, RuntimeError) as exc:
+    except Exception as exc:   # one line, never a traceback after hours of work (--debug: traceback)
         if args.debug:
             raise
-        print(f"rom-fast: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"rom-fast: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, (ValueError, TypeError, OSError, NotImplementedError, RuntimeError)):
+        return text     # ours, or a library's that names what failed (LapackError is a RuntimeError)
+    if isinstance(exc, MemoryError):
+        return f"out of memory{': ' + text if text else ''} (try --activation-dtype float16 or fewer --n-samples)"
+    # safetensors' SafetensorError and anything unforeseen: keep the type, it is the clue.
+    return f"{type(exc).__name__}: {text} (rerun with --debug for the traceback)"
 
 
 if __name__ == "__main__":

@@ -28,8 +28,19 @@ class GramAccumulator(_core.GramAccumulator):
     another accumulator; ``gram``, ``column_sum``, ``count`` and ``centered_gram()`` read it.
     """
 
+    def __init__(self, dim: int, label: str = ""):
+        super().__init__(dim)
+        self.label = label    # what the rows are, e.g. "outputs of model.layers.5.mlp.down_proj"
+
     def update(self, x) -> None:
-        super().update(as_array(x, "x"))
+        try:
+            super().update(as_array(x, "x"))
+        except ValueError as exc:
+            if not self.label or "non-finite" not in str(exc):
+                raise
+            # Name the layer, not just a row of one chunk: which block overflowed is the clue.
+            raise ValueError(f"{self.label}: {exc} (the activations overflowed or the weights hold "
+                             "NaN/Inf; with float16 activations try bfloat16 or float32)") from None
 
 
 def top_eigenpairs(sym, r: int, method: str = "auto"):

@@ -121,6 +121,24 @@ def _differences(a: dict, b: dict) -> List[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def check_replaceable(out: Path, overwrite: bool, source: Optional[Path] = None) -> None:
+    """Refuses an output path that must not be written: an existing one without ``overwrite``,
+    and even with it anything but a model directory (config.json; an empty directory is fine)
+    — ``--out .`` or ``--out ~`` must never delete what is there — or the source itself."""
+    out = Path(out)
+    if source is not None and out.exists() and Path(source).exists() and out.resolve() == Path(source).resolve():
+        raise ValueError(f"--out {out} is the model being compressed; choose another directory")
+    if not out.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if any(out.iterdir()) and not (out / "config.json").is_file():
+        raise FileExistsError(f"{out} holds files but is not a model directory (no config.json); "
+                              "--overwrite only replaces a model directory: remove it yourself or pick another --out")
+
+
 class ResumableOutput:
     """The partial output directory and its resume state.
 
@@ -134,10 +152,7 @@ class ResumableOutput:
         self.fingerprint = json.loads(json.dumps(fingerprint))    # as it reads back from the state
         self.command = command
         self.overwrite = overwrite
-        if self.out.exists() and not overwrite:
-            raise FileExistsError(f"{self.out} already exists (pass overwrite=True / --overwrite to replace it)")
-        if self.out.exists() and not self.out.is_dir():
-            raise FileExistsError(f"{self.out} exists and is not a directory")
+        check_replaceable(self.out, overwrite)
         self.state: Optional[dict] = None
         if self.partial.exists() and restart:
             shutil.rmtree(self.partial)

@@ -100,6 +100,11 @@ def _rows(x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     return x[token_mask].float().contiguous()
 
 
+def _inputs_label(prefix: str, linears) -> str:
+    """How a statistics error names the activations: the block's prefix and the stage."""
+    return "inputs of " + ", ".join(prefix + n for n in linears)
+
+
 class BlockCompressor:
     """Compresses one decoder block in place, given its calibration inputs."""
 
@@ -149,17 +154,17 @@ class BlockCompressor:
         self.report.layers.append(LayerRecord(prefix + name, lin.out_features, lin.in_features,
                                               f.rank, float(energy), route))
 
-    def _gram(self, batches, token_masks) -> kernels.GramAccumulator:
+    def _gram(self, batches, token_masks, label: str) -> kernels.GramAccumulator:
         """Gram of stored activations over the real tokens (o_proj's input)."""
-        acc = kernels.GramAccumulator(batches[0].shape[-1])
+        acc = kernels.GramAccumulator(batches[0].shape[-1], label)
         with self.timer("statistics"):
             for x, m in zip(batches, token_masks):
                 acc.update(_rows(x, m))
         return acc
 
-    def _normed_input_gram(self, norm, hiddens, token_masks) -> kernels.GramAccumulator:
+    def _normed_input_gram(self, norm, hiddens, token_masks, label: str) -> kernels.GramAccumulator:
         """Gram of norm(h) over the real tokens: the input shared by q/k/v, or by gate/up."""
-        acc = kernels.GramAccumulator(hiddens[0].shape[-1])
+        acc = kernels.GramAccumulator(hiddens[0].shape[-1], label)
         for h, m in zip(hiddens, token_masks):
             with self.timer("forward"):
                 x = _rows(norm(h.float()), m)
@@ -186,7 +191,8 @@ class BlockCompressor:
         # 1. q/k/v from the attention input.
         if any(n in ranks for n in stages[0].linears):
             self._factorize_input_stage(block, prefix, stages[0].linears, ranks,
-                                        self._normed_input_gram(norm1, hiddens, token_masks))
+                                        self._normed_input_gram(norm1, hiddens, token_masks,
+                                                                _inputs_label(prefix, stages[0].linears)))
 
         # 2. o_proj from the attention output (computed once, with q/k/v compressed).
         out_proj = attn.get_submodule(a.out_proj)
@@ -196,21 +202,27 @@ class BlockCompressor:
                 for h, kw, o in zip(hiddens, kwargs_list, attn_out):
                     o.copy_(attention(h, kw))
         if any(n in ranks for n in stages[1].linears):
-            self._factorize_input_stage(block, prefix, stages[1].linears, ranks, self._gram(attn_out, token_masks))
+            self._factorize_input_stage(block, prefix, stages[1].linears, ranks,
+                                        self._gram(attn_out, token_masks, _inputs_label(prefix, stages[1].linears)))
         out_proj = attn.get_submodule(a.out_proj)   # compressed now
         with self.timer("forward"):
             for h, o in zip(hiddens, attn_out):
                 h.add_(out_proj(o.float()))
         del attn_out
-        # The gate/up factorization is a block's memory peak (a 7B gate_proj's factorization
-        # takes 0.9 GiB): the idle scratch buffer goes first (one mmap'd allocation, returned
-        # to the OS at once; the down stage allocates it again).
-        self._scratch.clear()
+        # A 7B block's memory peak is the gate/up factorization (float64 W·L, 0.36 GB per
+        # gate_proj, and more): when that outweighs the idle scratch buffer, the buffer goes
+        # first (the down stage allocates it again). On small models keeping it is cheaper
+        # (SmolLM2: 1.34 vs 1.47 GiB peak when freed and reallocated every block).
+        mlp_in = [block.get_submodule(n) for n in stages[2].linears if n in ranks]
+        scratch_bytes = sum(t.numel() * t.element_size() for t in self._scratch.values())
+        if sum(m.weight.numel() for m in mlp_in) * 8 > scratch_bytes:
+            self._scratch.clear()
 
         # 3. gate/up from the MLP input.
         if any(n in ranks for n in stages[2].linears):
             self._factorize_input_stage(block, prefix, stages[2].linears, ranks,
-                                        self._normed_input_gram(norm2, hiddens, token_masks))
+                                        self._normed_input_gram(norm2, hiddens, token_masks,
+                                                                _inputs_label(prefix, stages[2].linears)))
 
         # 4. down_proj from the MLP hidden activations (gate/up compressed).
         (down_name,) = stages[3].linears
@@ -218,7 +230,8 @@ class BlockCompressor:
         if down_name in ranks:
             down = block.get_submodule(down_name)
             output_route = down.in_features > down.out_features
-            acc = kernels.GramAccumulator(down.out_features if output_route else down.in_features)
+            acc = kernels.GramAccumulator(down.out_features if output_route else down.in_features,
+                                          f"{'outputs' if output_route else 'inputs'} of {prefix}{down_name}")
             dense_outputs = self._scratch_batches(hiddens, down.out_features) if output_route else None
             with _as_identity(mlp, a.down_proj):
                 for i, (h, m) in enumerate(zip(hiddens, token_masks)):

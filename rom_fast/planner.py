@@ -81,7 +81,7 @@ def _frozen(module: nn.Module):
             p.requires_grad_(f)
 
 
-def _block_statistics(adapter: ModelAdapter, block: nn.Module, token_mask: List[torch.Tensor],
+def _block_statistics(adapter: ModelAdapter, block: nn.Module, prefix: str, token_mask: List[torch.Tensor],
                       timer: StageTimer):
     """Forward hooks accumulating, on the real tokens, the Gram each stage's spectra need: one
     shared input Gram for q/k/v and for gate/up, the output Gram of each linear whose input is
@@ -94,7 +94,8 @@ def _block_statistics(adapter: ModelAdapter, block: nn.Module, token_mask: List[
         for rel in (stage.linears if lead.in_features > lead.out_features else stage.linears[:1]):
             mod = block.get_submodule(rel)
             use_out = mod.in_features > mod.out_features
-            accs[rel] = kernels.GramAccumulator(mod.out_features if use_out else mod.in_features)
+            accs[rel] = kernels.GramAccumulator(mod.out_features if use_out else mod.in_features,
+                                                f"{'outputs' if use_out else 'inputs'} of {prefix}{rel} (planner)")
             output_route[rel] = use_out
 
             def hook(_m, args, out, rel=rel, use_out=use_out):
@@ -208,7 +209,7 @@ def _forward_block(source: BlockSource, i: int, hidden: torch.Tensor, kwargs_lis
         block = source.load_block(i)
     try:
         current = [masks[0]]           # the micro-batch's real-token mask, for the hooks
-        accs, output_route, handles = _block_statistics(adapter, block, current, timer)
+        accs, output_route, handles = _block_statistics(adapter, block, adapter.block_prefix(i), current, timer)
         try:
             with timer("forward"), torch.inference_mode():
                 for v, kw, m in zip(hidden.split(batch_size), kwargs_list, masks):

@@ -357,9 +357,13 @@ def test_bad_sources(tmp_path, word_tok, monkeypatch):
         calibration_tokens("no/such/file.jsonl", word_tok)
     with pytest.raises(ValueError, match="not a file"):
         calibration_tokens(tmp_path, word_tok)
+    with pytest.raises(ValueError, match="not an existing file or a named corpus.*did you mean 'wiki'"):
+        calibration_tokens("wikki", word_tok)             # a typo is an error, never a hub download
+    with pytest.raises(ValueError, match="opted into as 'hf:some-dataset'"):
+        calibration_tokens("some-dataset", word_tok)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match="not an existing file.*datasets.*network"):
-        calibration_tokens("some-org/some-dataset", word_tok)
+    with pytest.raises(ValueError, match="'hf:some-org/some-dataset'.*datasets.*network"):
+        calibration_tokens("hf:some-org/some-dataset", word_tok)
     with pytest.raises(TypeError, match="int"):
         calibration_tokens(42, word_tok)
     with pytest.raises(ValueError, match="tokenizer is required"):

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,6 +221,14 @@ def test_cli_help_lists_every_option(capsys):
         assert opt in text
 
 
+def test_cli_version_is_the_installed_one(capsys):
+    from rom_fast.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"rom-fast {rom_fast.__version__}"
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_streamed_directory_equals_in_memory(tmp_path, kind):
     model = tiny_model(kind)
@@ -347,3 +356,45 @@ def test_choose_execution_keeps_the_function_and_only_merges_by_measurement():
         assert isinstance(model.get_submodule(name), LowRankLinear if how == "two-linears" else nn.Linear)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=1e-5)
+
+
+def test_source_tree_without_native_core_says_so(tmp_path):
+    # What a user gets who imports rom_fast from a checkout that shadows the installed package.
+    import shutil
+    import subprocess
+    pkg = Path(rom_fast.__file__).parent
+    shutil.copytree(pkg, tmp_path / "rom_fast", ignore=shutil.ignore_patterns("_core*", "__pycache__"))
+    # An editable install's import hook would find the real package first: drop it.
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'Redirect' not in type(f).__name__]; "
+            f"sys.path.insert(0, {str(tmp_path)!r}); import rom_fast")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "native core (_core) is not built" in proc.stderr and "partially initialized" not in proc.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("exc", [MemoryError(), KeyError("x"), RuntimeError("lapack failed\nat step 3")])
+def test_cli_errors_are_one_line(monkeypatch, capsys, exc):
+    from rom_fast import cli
+
+    def fail(_args):
+        raise exc
+    monkeypatch.setattr(cli, "run_eval", fail)
+    assert cli.main(["eval", "somewhere"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("rom-fast: error: ") and "Traceback" not in err
+    with pytest.raises(type(exc)):
+        cli.main(["--debug", "eval", "somewhere"])
+
+
+def test_non_finite_activations_name_the_block_and_layer():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight[3] = float("inf")
+    ids, mask = calibration()
+    kw = dict(calibration={"input_ids": ids, "attention_mask": mask}, n_samples=ids.shape[0],
+              seq_len=ids.shape[1], progress=False)
+    stage = r"inputs of model\.layers\.1\.mlp\.gate_proj, model\.layers\.1\.mlp\.up_proj"
+    with pytest.raises(ValueError, match=stage + ": .*non-finite"):
+        rom_fast.compress(copy.deepcopy(model), ranks={f"model.layers.1.{n}": 10 for n in LINEARS}, **kw)
+    with pytest.raises(ValueError, match=r"inputs of model\.layers\.1\.mlp\.gate_proj \(planner\): .*non-finite"):
+        rom_fast.compress(copy.deepcopy(model), budget=0.8, **kw)

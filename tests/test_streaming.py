@@ -165,6 +165,25 @@ def test_leftovers_are_reported_and_cleaned(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "rom"]
 
 
+def test_overwrite_only_replaces_a_model_directory(tmp_path):
+    src = save_dir(tiny_model(), tmp_path / "dense")
+    kw = {k: v for k, v in KW.items() if k != "planner_samples"}
+    ranks = {"model.layers.0.mlp.up_proj": 8}
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    for model in (src, tiny_model()):              # streamed and in memory
+        with pytest.raises(FileExistsError, match="not a model directory"):
+            rom_fast.compress(model, ranks=ranks, out=home, overwrite=True, **kw)
+    assert [p.name for p in home.iterdir()] == ["thesis.tex"]
+    with pytest.raises(ValueError, match="is the model being compressed"):
+        rom_fast.compress(src, ranks=ranks, out=src, overwrite=True, **kw)
+    rom_fast.compress(src, ranks=ranks, out=tmp_path / "rom", **kw)
+    (tmp_path / "rom" / "stale.bin").write_bytes(b"x")
+    rom_fast.compress(src, ranks=ranks, out=tmp_path / "rom", overwrite=True, **kw)   # a model dir: replaced
+    assert not (tmp_path / "rom" / "stale.bin").exists() and (tmp_path / "rom" / "config.json").is_file()
+
+
 # -- validation before block 0 -----------------------------------------------------------------
 def _corrupt(src, how):
     index = json.loads((src / "model.safetensors.index.json").read_text())
