@@ -3,12 +3,13 @@
 process through the installed CLI, with its peak RSS (wait4) and wall time.
 
   python bench/bench_streamed.py --blocks 4 --n-samples 256 --seq-len 128
+  python bench/bench_streamed.py --blocks 4 --n-samples 256 --seq-len 128 --activation-dtype float32
   python bench/bench_streamed.py --blocks 2 --n-samples 512 --seq-len 128 --skip-kill --skip-eval
 
 The directory comes from bench/synth_llama.py (random bf16 weights, real shapes, a locally
 trained tokenizer); calibration is the local Wikipedia text tokenized with it. The planner's
 time per block is read from the compress summary (planner_* stages) against the compression
-stages of the same run. Results go to bench/results/streamed_<blocks>x<n_samples>.json.
+stages of the same run. Results go to bench/results/streamed_<blocks>x<n_samples>_<activation dtype>.json.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def main() -> None:
     p.add_argument("--n-samples", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--budget", type=float, default=0.8)
+    p.add_argument("--activation-dtype", default="float16", choices=["float32", "float16", "bfloat16"],
+                   help="as the README's big-model commands (default float16)")
     p.add_argument("--workdir", default="/tmp/rom_fast_bench")
     p.add_argument("--skip-kill", action="store_true")
     p.add_argument("--skip-eval", action="store_true")
@@ -75,8 +78,9 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "rom_fast", "clean", out], check=False, capture_output=True)
     subprocess.run([sys.executable, "-m", "rom_fast", "clean", out + "-killed"], check=False, capture_output=True)
     cli = [sys.executable, "-m", "rom_fast"]
-    calib = ["--calibration", "wiki", "--seq-len", str(a.seq_len)]
+    calib = ["--calibration", "wiki", "--seq-len", str(a.seq_len), "--activation-dtype", a.activation_dtype]
     rows = {"blocks": a.blocks, "n_samples": a.n_samples, "seq_len": a.seq_len, "budget": a.budget,
+            "activation_dtype": a.activation_dtype,
             "command": "python bench/bench_streamed.py " + " ".join(sys.argv[1:])}
 
     cmd = cli + ["plan", src, "--budget", str(a.budget), "--n-samples", "128", *calib,
@@ -133,7 +137,7 @@ def main() -> None:
               f"resumed after block {resumed['resumed_from_block']}, peak {peak2 / GIB:.2f} GiB; "
               f"tensors bitwise identical to the uninterrupted run: {identical}", flush=True)
 
-    path = os.path.join(ROOT, "bench", "results", f"streamed_{a.blocks}x{a.n_samples}.json")
+    path = os.path.join(ROOT, "bench", "results", f"streamed_{a.blocks}x{a.n_samples}_{a.activation_dtype}.json")
     with open(path, "w") as f:
         json.dump(rows, f, indent=2, default=str)
     print(f"written {path}")

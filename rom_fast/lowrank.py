@@ -54,17 +54,17 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 def from_factors(linear: nn.Linear, w1, w2, b1=None, b2=None) -> LowRankLinear:
     """A LowRankLinear in the dtype/device of ``linear`` holding the given factors."""
     d_out, rank = w1.shape
+    # Built on "meta" and given the factors as its parameters: no random init to overwrite
+    # and no second copy of each factor (a 7B gate_proj's are 60 MB each in float32).
     layer = LowRankLinear(linear.in_features, linear.out_features, rank,
-                          reduce_bias=b2 is not None, expand_bias=b1 is not None,
-                          device=linear.weight.device, dtype=linear.weight.dtype)
-    to = lambda a: torch.as_tensor(a).to(linear.weight.dtype)  # noqa: E731
-    with torch.no_grad():
-        layer.reduce.weight.copy_(to(w2))
-        layer.expand.weight.copy_(to(w1))
-        if b2 is not None:
-            layer.reduce.bias.copy_(to(b2))
-        if b1 is not None:
-            layer.expand.bias.copy_(to(b1))
+                          reduce_bias=b2 is not None, expand_bias=b1 is not None, device="meta")
+    dtype, device = linear.weight.dtype, linear.weight.device
+    param = lambda a: nn.Parameter(torch.as_tensor(a).to(device=device, dtype=dtype).contiguous())  # noqa: E731
+    layer.reduce.weight, layer.expand.weight = param(w2), param(w1)
+    if b2 is not None:
+        layer.reduce.bias = param(b2)
+    if b1 is not None:
+        layer.expand.bias = param(b1)
     return layer
 
 

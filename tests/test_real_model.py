@@ -74,4 +74,6 @@ def test_smollm2_streamed_from_a_directory_plans_and_compresses_like_in_memory(t
     p_memory = wikitext2_perplexity(in_memory.model, tok, window=512, max_windows=10)["perplexity"]
     source = rom_fast.open_source(tmp_path / "rom")                       # evaluated block by block
     p_streamed = wikitext2_perplexity(source, tok, window=512, max_windows=10)["perplexity"]
+    print(f"\nSmolLM2 at 80%: {len(in_memory.plan.ranks)} ranks equal; WikiText-2 ppl streamed "
+          f"{p_streamed:.4f}, in memory {p_memory:.4f}")
     assert abs(p_streamed - p_memory) <= 0.01 * p_memory, (p_streamed, p_memory)
