@@ -233,6 +233,13 @@ def run_clean(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line too (argparse prints the whole usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"rom-fast: error: {message} (see: {self.prog} --help)\n")
+
+
 def _version() -> str:
     """The installed distribution's version, without importing torch or the native core."""
     from importlib.metadata import PackageNotFoundError, version
@@ -243,8 +250,7 @@ def _version() -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="rom-fast", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="rom-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser.add_argument("--version", action="version", version=f"rom-fast {_version()}")
