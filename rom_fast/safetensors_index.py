@@ -119,7 +119,7 @@ def read_header(path: Path) -> Dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):   # RecursionError: [[[[...
         raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not an object)")
