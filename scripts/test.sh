@@ -16,4 +16,13 @@ cmake --build build/ctest -j 2 >> build-ctest.log 2>&1 || { cat build-ctest.log;
 rm -f build-ctest.log
 ctest --test-dir build/ctest --output-on-failure
 
+# The same C++ tests under AddressSanitizer + UndefinedBehaviorSanitizer (the consumer example
+# links an installed, uninstrumented-consumer build: it runs above only).
+SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
+cmake -S . -B build/sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DROM_FAST_BLAS=scipy-openblas \
+  -DCMAKE_CXX_FLAGS="$SAN" -DCMAKE_EXE_LINKER_FLAGS="$SAN" > build-sanitize.log 2>&1 \
+  && cmake --build build/sanitize -j 2 >> build-sanitize.log 2>&1 || { cat build-sanitize.log; exit 1; }
+rm -f build-sanitize.log
+ctest --test-dir build/sanitize --output-on-failure -E cpp_consumer_example
+
 python -m pytest -m "not slow" "$@"

@@ -257,9 +257,11 @@ template <class T>
 LowRankFactors factorize_layer_impl(const T* weight, index_t d_out, index_t d_in,
                                     const double* bias, const InputFactor& factor, index_t rank,
                                     EigenMethod method) {
-  check_layer(weight, d_out, d_in, bias, rank);
+  // Dimensions first: a d_in that disagrees with the factor must be refused before the
+  // weight is read with it (found by AddressSanitizer).
   require(factor.dim() == d_in, "factor dimension " + std::to_string(factor.dim()) +
                                     " does not match the weight's d_in " + std::to_string(d_in));
+  check_layer(weight, d_out, d_in, bias, rank);
   require(!bias || factor.with_bias() || factor.centering() == Centering::Centered,
           "the layer has a bias: build its InputFactor with_bias=true (or centred)");
   LowRankFactors out;
@@ -354,8 +356,8 @@ namespace {
 template <class T>
 std::vector<double> output_spectrum_impl(const T* weight, index_t d_out, index_t d_in,
                                          const double* bias, const InputFactor& factor) {
-  check_layer(weight, d_out, d_in, bias, 1);
   require(factor.dim() == d_in, "factor dimension does not match the weight's d_in");
+  check_layer(weight, d_out, d_in, bias, 1);
   const index_t k = factor.rank();
   const std::vector<double> b = project_weight(weight, d_out, d_in, bias, factor);
   if (k == 0) return {};
