@@ -50,7 +50,13 @@ elseif(_kind STREQUAL "scipy-openblas")
   endif()
   find_library(ROM_FAST_SCIPY_OPENBLAS_LIB NAMES scipy_openblas
                PATHS "${ROM_FAST_SCIPY_OPENBLAS_DIR}/lib" NO_DEFAULT_PATH REQUIRED)
-  target_link_libraries(rom_fast_blas INTERFACE "${ROM_FAST_SCIPY_OPENBLAS_LIB}")
+  # Built against the wheel's library; installed with a copy of it beside librom_fast, so
+  # an installed prefix does not depend on the Python environment it was built from.
+  get_filename_component(_openblas_name "${ROM_FAST_SCIPY_OPENBLAS_LIB}" NAME)
+  target_link_libraries(rom_fast_blas INTERFACE
+    "$<BUILD_INTERFACE:${ROM_FAST_SCIPY_OPENBLAS_LIB}>"
+    "$<INSTALL_INTERFACE:\${_IMPORT_PREFIX}/${CMAKE_INSTALL_LIBDIR}/${_openblas_name}>")
+  install(FILES "${ROM_FAST_SCIPY_OPENBLAS_LIB}" DESTINATION ${CMAKE_INSTALL_LIBDIR} COMPONENT core)
   list(APPEND ROM_FAST_BLAS_DEFINITIONS ROM_FAST_BLAS_PREFIX=scipy_
        ROM_FAST_OPENBLAS_SET_THREADS=scipy_openblas_set_num_threads)
 else()
