@@ -177,7 +177,7 @@ def _perplexity(model, tokenizer, windows: int, progress: bool) -> Optional[floa
     try:
         if progress:
             print(f"rom_fast: WikiText-2 perplexity on {windows} windows of 512 tokens", file=sys.stderr)
-        return wikitext2_perplexity(model, tokenizer, window=512, max_windows=windows)["perplexity"]
+        return wikitext2_perplexity(model, tokenizer, window=512, max_windows=windows, progress=progress)["perplexity"]
     except FileNotFoundError as exc:
         print(f"rom_fast: perplexity skipped: {exc}", file=sys.stderr)
         return None

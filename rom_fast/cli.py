@@ -196,13 +196,14 @@ def run_eval(args) -> int:
         raise ValueError(f"{args.model} has no tokenizer files to evaluate with")
     t0 = time.perf_counter()
     results = {"model": args.model, "parameters": source.param_count}
-    results["wikitext2"] = wikitext2_perplexity(source, tok, window=args.window, max_windows=args.max_windows)
+    results["wikitext2"] = wikitext2_perplexity(source, tok, window=args.window, max_windows=args.max_windows,
+                                               progress=True)
     print(f"WikiText-2 perplexity {results['wikitext2']['perplexity']:.3f} "
           f"({results['wikitext2']['n_tokens']:,} tokens)")
     if args.tasks is not None:
         tasks = args.tasks or ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge"]
         results["zero_shot"] = zero_shot(source, tok, tasks=tasks, limit=args.limit, seed=args.seed,
-                                         batch_size=args.batch_size)
+                                         batch_size=args.batch_size, progress=True)
         for task, r in results["zero_shot"].items():
             print(f"{task:14s} {r}")
     results["seconds"] = time.perf_counter() - t0

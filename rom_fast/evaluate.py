@@ -414,7 +414,7 @@ def _eval_mode(model):
 
 
 def wikitext2_perplexity(model, tokenizer, path: str | None = None, window: int = 2048,
-                         max_windows: int | None = None, batch_size: int = 1) -> dict:
+                         max_windows: int | None = None, batch_size: int = 1, progress: bool = False) -> dict:
     """Perplexity over non-overlapping windows of a text file.
 
     Args:
@@ -461,7 +461,11 @@ def wikitext2_perplexity(model, tokenizer, path: str | None = None, window: int 
     batches = [windows[start : start + batch_size] for start in range(0, n_windows, batch_size)]
     nll_sum = 0.0  # a Python float is float64
     with _eval_mode(model), torch.inference_mode():
-        for batch, logits in zip(batches, forward.many((b, torch.ones_like(b), None) for b in batches)):
+        scored = zip(batches, forward.many((b, torch.ones_like(b), None) for b in batches))
+        if progress and isinstance(forward, _Forward):     # a block source shows its own bar
+            from tqdm.auto import tqdm
+            scored = tqdm(scored, total=len(batches), desc="WikiText-2 perplexity", unit="batch")
+        for batch, logits in scored:
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             targets = batch[:, 1:].to(logp.device)
             nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -653,7 +657,7 @@ def mc_predictions(lls, choice_lengths) -> tuple[int, int]:
 
 
 def zero_shot(model, tokenizer, tasks=TASKS, limit: int | None = None, seed: int = 0,
-              batch_size: int = 16, data_dir: str | None = None) -> dict:
+              batch_size: int = 16, data_dir: str | None = None, progress: bool = False) -> dict:
     """Zero-shot multiple-choice accuracy, lm-eval style (see the module doc).
 
     Args:
@@ -684,7 +688,14 @@ def zero_shot(model, tokenizer, tasks=TASKS, limit: int | None = None, seed: int
         raise ValueError(f"limit must be positive or None, got {limit}")
 
     results = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(tasks), desc="zero-shot tasks", unit="task")
     for task in tasks:
+        if bar is not None:
+            bar.set_postfix_str(task)
+            bar.update(0)
         items = load_task(task, data_dir)
         if limit is not None and limit < len(items):
             picked = sorted(random.Random(seed).sample(range(len(items)), limit))
@@ -709,6 +720,10 @@ def zero_shot(model, tokenizer, tasks=TASKS, limit: int | None = None, seed: int
             "metric": metric,
             "score": acc if metric == "acc" else acc_norm,
         }
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     results["average"] = {
         "score": sum(results[t]["score"] for t in tasks) / len(tasks),
         "metric": "mean",
