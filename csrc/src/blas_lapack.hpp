@@ -11,6 +11,7 @@
 #include <limits>
 #include <string>
 
+#include "lapack_workspace.hpp"
 #include "rom_fast/common.hpp"
 
 namespace rom_fast::detail {
@@ -28,6 +29,11 @@ inline blas_int to_blas(index_t v, const char* what) {
                                 " does not fit the BLAS integer type");
   }
   return static_cast<blas_int>(v);
+}
+
+/// The size a workspace query (lwork = -1) returned, checked (lapack_workspace.hpp).
+inline blas_int lwork_from(double query, const char* routine) {
+  return workspace_size<blas_int>(query, routine);
 }
 
 }  // namespace rom_fast::detail

@@ -57,8 +57,8 @@ void top_eigenpairs_syevd(double* work, index_t d, index_t r, double* values, do
   dsyevd_f("V", "L", &n, work, &n, w.data(), &work_query, &lwork, &iwork_query, &liwork, &info,
            1, 1);
   if (info != 0) throw LapackError("dsyevd (workspace query)", info);
-  lwork = static_cast<blas_int>(work_query);
-  liwork = iwork_query;
+  lwork = detail::lwork_from(work_query, "dsyevd");
+  liwork = std::max<blas_int>(1, iwork_query);
   std::vector<double> lw(static_cast<std::size_t>(lwork));
   std::vector<blas_int> iw(static_cast<std::size_t>(liwork));
   dsyevd_f("V", "L", &n, work, &n, w.data(), lw.data(), &lwork, iw.data(), &liwork, &info, 1, 1);
@@ -78,7 +78,7 @@ void top_eigenpairs_stedc(double* work, index_t d, index_t r, double* values, do
       tau(static_cast<std::size_t>(d));
   dsytrd_f("L", &n, work, &n, diag.data(), off.data(), tau.data(), &work_query, &lwork, &info, 1);
   if (info != 0) throw LapackError("dsytrd (workspace query)", info);
-  lwork = static_cast<blas_int>(work_query);
+  lwork = detail::lwork_from(work_query, "dsytrd");
   std::vector<double> lw(static_cast<std::size_t>(lwork));
   dsytrd_f("L", &n, work, &n, diag.data(), off.data(), tau.data(), lw.data(), &lwork, &info, 1);
   if (info != 0) throw LapackError("dsytrd", info);
@@ -88,7 +88,7 @@ void top_eigenpairs_stedc(double* work, index_t d, index_t r, double* values, do
   dstedc_f("I", &n, diag.data(), off.data(), z.data(), &n, &work_query, &lwork, &iwork_query,
            &liwork, &info, 1);
   if (info != 0) throw LapackError("dstedc (workspace query)", info);
-  lwork = static_cast<blas_int>(work_query);
+  lwork = detail::lwork_from(work_query, "dstedc");
   liwork = std::max<blas_int>(1, iwork_query);
   lw.assign(static_cast<std::size_t>(lwork), 0.0);
   std::vector<blas_int> iw(static_cast<std::size_t>(liwork));
@@ -103,7 +103,7 @@ void top_eigenpairs_stedc(double* work, index_t d, index_t r, double* values, do
   dormtr_f("L", "L", "N", &n, &nr, work, &n, tau.data(), vectors, &n, &work_query, &lwork, &info,
            1, 1, 1);
   if (info != 0) throw LapackError("dormtr (workspace query)", info);
-  lwork = static_cast<blas_int>(work_query);
+  lwork = detail::lwork_from(work_query, "dormtr");
   lw.assign(static_cast<std::size_t>(lwork), 0.0);
   dormtr_f("L", "L", "N", &n, &nr, work, &n, tau.data(), vectors, &n, lw.data(), &lwork, &info,
            1, 1, 1);
@@ -126,8 +126,8 @@ void top_eigenpairs_syevr(double* work, index_t d, index_t r, double* values, do
   dsyevr_f("V", "I", "L", &n, work, &n, &vl, &vu, &il, &iu, &abstol, &found, w.data(), z.data(),
            &n, isuppz.data(), &work_query, &lwork, &iwork_query, &liwork, &info, 1, 1, 1);
   if (info != 0) throw LapackError("dsyevr (workspace query)", info);
-  lwork = static_cast<blas_int>(work_query);
-  liwork = iwork_query;
+  lwork = detail::lwork_from(work_query, "dsyevr");
+  liwork = std::max<blas_int>(1, iwork_query);
   std::vector<double> lw(static_cast<std::size_t>(lwork));
   std::vector<blas_int> iw(static_cast<std::size_t>(liwork));
   dsyevr_f("V", "I", "L", &n, work, &n, &vl, &vu, &il, &iu, &abstol, &found, w.data(), z.data(),
@@ -161,7 +161,7 @@ std::vector<double> eigenvalues_inplace(double* work, index_t d) {
   dsyevd_f("N", "L", &n, work, &n, w.data(), &work_query, &lwork, &iwork_query, &liwork, &info, 1,
            1);
   if (info != 0) throw LapackError("dsyevd (workspace query)", info);
-  lwork = static_cast<blas_int>(work_query);
+  lwork = detail::lwork_from(work_query, "dsyevd");
   liwork = std::max<blas_int>(1, iwork_query);
   std::vector<double> lw(static_cast<std::size_t>(lwork));
   std::vector<blas_int> iw(static_cast<std::size_t>(liwork));

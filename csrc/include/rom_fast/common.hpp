@@ -6,8 +6,9 @@
 //
 // Errors: invalid arguments (sizes, ranks, non-finite values, non-symmetric input) throw
 // std::invalid_argument; a LAPACK failure (info != 0 where it is not expected) throws
-// rom_fast::LapackError. No exception ever escapes an OpenMP region: the first one is
-// captured and rethrown on the calling thread.
+// rom_fast::LapackError; a problem whose LAPACK workspace does not fit the BLAS integer type
+// (a 32-bit LAPACK at d ~ 32768) throws std::overflow_error. No exception ever escapes an
+// OpenMP region: the first one is captured and rethrown on the calling thread.
 #pragma once
 
 #include <cstdint>
