@@ -83,6 +83,19 @@ class ModelAdapter:
     def linear_names(self) -> List[str]:
         return [name for stage in self.stages for name in stage.linears]
 
+    @staticmethod
+    def linear_shapes(config: Dict) -> Dict[str, Tuple[int, int]]:
+        """``{linear name in a block: (d_out, d_in)}`` from a config.json dict (sizes already
+        checked): what a checkpoint's ranks are checked against before any module is built."""
+        hidden, inter = config["hidden_size"], config["intermediate_size"]
+        heads = config["num_attention_heads"]
+        kv = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or hidden // heads
+        q, k = heads * head_dim, kv * head_dim
+        return {"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (k, hidden), "self_attn.v_proj": (k, hidden),
+                "self_attn.o_proj": (hidden, q), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+                "mlp.down_proj": (hidden, inter)}
+
     def tied(self) -> bool:
         """True when the head reuses the input embedding (stored once in checkpoints)."""
         return bool(getattr(self.model.config, "tie_word_embeddings", False))

@@ -19,11 +19,67 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rom_fast.lowrank import LowRankLinear, apply_structure
+from rom_fast.safetensors_index import CheckpointError
 
 FORMAT_VERSION = 1
 _BASES = {}   # base model_type -> registered rom_fast model_type
 SPECTRA_FILE = "rom_fast_spectra.json"
 _MODEL_CLASSES: Dict[str, type] = {}   # registered model_type -> its causal-LM class
+
+
+# Sanity limits for the sizes a config.json may ask for, checked before anything is built:
+# several times the largest LLaMA-family model (405B: hidden 16384, MLP 53248, 126 blocks).
+SIZE_LIMITS = {"hidden_size": 1 << 17, "intermediate_size": 1 << 20, "num_hidden_layers": 4096,
+               "num_attention_heads": 4096, "num_key_value_heads": 4096, "head_dim": 4096,
+               "vocab_size": 1 << 23, "max_position_embeddings": 1 << 26}
+REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_config(cfg: dict, where: str) -> None:
+    """Refuses a config.json (as a dict) whose sizes are absurd or inconsistent, or whose
+    ``rom_fast`` section names layers, ranks or biases the architecture cannot have; ``where``
+    (the file) starts every message. Called before any module or buffer is built."""
+    from rom_fast.adapters import adapter_class
+    for key, limit in SIZE_LIMITS.items():
+        value = cfg.get(key)
+        if value is None and key not in REQUIRED_SIZES:
+            continue
+        if not _positive_int(value) or value > limit:
+            raise CheckpointError(f"{where}: {key} = {value!r} is not a size rom_fast accepts "
+                                  f"(a positive integer <= {limit})")
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    if heads % kv:
+        raise CheckpointError(f"{where}: num_attention_heads = {heads} is not a multiple of "
+                              f"num_key_value_heads = {kv}")
+    if cfg.get("head_dim") is None and cfg["hidden_size"] % heads:
+        raise CheckpointError(f"{where}: hidden_size = {cfg['hidden_size']} is not a multiple of "
+                              f"num_attention_heads = {heads}")
+    section = cfg.get("rom_fast")
+    if section is None:
+        return
+    layers = section.get("layers") if isinstance(section, dict) else None
+    if not isinstance(layers, dict):
+        raise CheckpointError(f"{where}: the rom_fast section has no 'layers' object")
+    adapter = adapter_class(cfg.get("model_type"), where)
+    shapes = adapter.linear_shapes(cfg)
+    head = adapter.layers_path + "."
+    for name, spec in layers.items():
+        block, _, rel = name[len(head):].partition(".") if name.startswith(head) else ("", "", "")
+        if not (block.isdigit() and int(block) < cfg["num_hidden_layers"] and rel in shapes):
+            raise CheckpointError(f"{where}: rom_fast layer {name!r} is not a linear layer of this "
+                                  f"{cfg['num_hidden_layers']}-block model")
+        d_out, d_in = shapes[rel]
+        rank = spec.get("rank") if isinstance(spec, dict) else None
+        if not _positive_int(rank) or rank > min(d_out, d_in):
+            raise CheckpointError(f"{where}: rom_fast layer {name!r} has rank {rank!r}; a {d_out} x {d_in} "
+                                  f"layer takes 1 to {min(d_out, d_in)}")
+        for flag in ("reduce_bias", "expand_bias"):
+            if not isinstance(spec.get(flag, False), bool):
+                raise CheckpointError(f"{where}: rom_fast layer {name!r}: {flag} must be true or false")
 
 
 def _register(base_type: str) -> str:
@@ -39,6 +95,8 @@ def _register(base_type: str) -> str:
     cfg_cls = type(f"RomFast{base_cfg.__name__}", (base_cfg,), {"model_type": name})
 
     def __init__(self, config):
+        # Before the first module: a downloaded config.json is untrusted (via transformers too).
+        check_config(config.to_dict(), f"config of {name}")
         base_model.__init__(self, config)
         apply_structure(self, config.rom_fast["layers"])
         self.post_init()
@@ -115,10 +173,13 @@ def write_metadata(directory: Path, config, tokenizer, metadata: dict, card: str
 
 def load(path, dtype: torch.dtype = torch.float32, with_tokenizer: bool = False):
     """Loads a directory written by :func:`rom_fast.compress` (factorized or merged)."""
+    from rom_fast.sources import DirectorySource
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
-    register_all()
+    # Config sizes, plan, shard headers and every tensor's shape checked on a weightless
+    # skeleton before transformers allocates anything.
+    DirectorySource(path, read_tokenizer=False)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     model.eval()
     if with_tokenizer:

@@ -189,11 +189,11 @@ class DirectorySource(BlockSource):
 
     streamed = True
 
-    def __init__(self, directory, tokenizer=None):
+    def __init__(self, directory, tokenizer=None, read_tokenizer: bool = True):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from rom_fast.checkpoint import register_all
+        from rom_fast.checkpoint import check_config, register_all
         self.directory = Path(directory)
         self.name = str(directory)
         config_file = self.directory / "config.json"
@@ -206,6 +206,7 @@ class DirectorySource(BlockSource):
         if not isinstance(raw, dict):
             raise CheckpointError(f"{config_file}: not a JSON object")
         adapter_class(raw.get("model_type"), str(config_file))      # supported, before building anything
+        check_config(raw, str(config_file))                           # sane sizes, a valid rom_fast plan
         register_all()                                                # rom_fast_<base> compressed checkpoints
         try:
             config = AutoConfig.from_pretrained(self.directory, local_files_only=True)
@@ -218,7 +219,8 @@ class DirectorySource(BlockSource):
         self.adapter = adapter_for(self.model)
         self.param_count = self._check_tensors()
         self.storage_dtype = self._storage_dtype()
-        self.tokenizer = tokenizer if tokenizer is not None else _directory_tokenizer(self.directory)
+        self.tokenizer = tokenizer if tokenizer is not None or not read_tokenizer \
+            else _directory_tokenizer(self.directory)
         self._block_dtypes: Dict[int, torch.dtype] = {}
         self._loaded: set = set()
 
