@@ -22,11 +22,11 @@ from typing import Dict, Optional, Union
 import torch
 from torch import nn
 
-from rom_fast import planner, plans
+from rom_fast import distributed, planner, plans
 from rom_fast.calibration import CalibrationBatch, calibration_tokens, default_calibration, default_data_dir
 from rom_fast.checkpoint import factorized_layers, load, write_metadata
 from rom_fast.lowrank import apply_structure, merge_lowrank
-from rom_fast.output import ResumableOutput, check_replaceable
+from rom_fast.output import OutputShard, ResumableOutput, check_replaceable
 from rom_fast.pipeline import CompressionOptions, CompressionReport, LayerRecord, compress_blocks
 from rom_fast.sources import BlockSource, open_source, release_freed_memory
 
@@ -168,7 +168,7 @@ def _tokens_key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _perplexity(model, tokenizer, windows: int, progress: bool) -> Optional[float]:
+def _perplexity(model, tokenizer, windows: int, progress: bool, comm=None) -> Optional[float]:
     """WikiText-2 perplexity on the first ``windows`` 512-token windows, None without data."""
     from rom_fast.evaluate import wikitext2_perplexity
     if tokenizer is None:
@@ -177,7 +177,8 @@ def _perplexity(model, tokenizer, windows: int, progress: bool) -> Optional[floa
     try:
         if progress:
             print(f"rom_fast: WikiText-2 perplexity on {windows} windows of 512 tokens", file=sys.stderr)
-        return wikitext2_perplexity(model, tokenizer, window=512, max_windows=windows, progress=progress)["perplexity"]
+        return wikitext2_perplexity(model, tokenizer, window=512, max_windows=windows, progress=progress,
+                                    comm=comm)["perplexity"]
     except FileNotFoundError as exc:
         print(f"rom_fast: perplexity skipped: {exc}", file=sys.stderr)
         return None
@@ -194,6 +195,35 @@ def _restore_block(source: BlockSource, i: int, output: ResumableOutput) -> None
     apply_structure(block, layers, dtype=dtype)
     state = {k[len(prefix):]: v.to(dtype) for k, v in output.block_tensors(i).items()}
     block.load_state_dict(state, strict=True)
+
+
+def _open_output(comm, out: Path, fingerprint: dict, command: str, overwrite: bool,
+                 restart: bool) -> ResumableOutput:
+    """The resumable output: process 0 opens (validates, restarts, resumes) it; in a
+    data-parallel run the other processes get their shard of it from the state process 0
+    read. The fingerprint then names the process count: each saved hidden state is a shard's."""
+    if comm.size == 1:
+        return ResumableOutput(out, fingerprint, command, overwrite=overwrite, restart=restart)
+    fingerprint = dict(fingerprint, processes=comm.size)
+    opened = {}
+
+    def open_root():
+        opened["output"] = ResumableOutput(out, fingerprint, command, overwrite=overwrite, restart=restart)
+        return opened["output"].state
+
+    state = comm.from_root(open_root, "output")
+    synchronize = lambda: comm.barrier("output")   # noqa: E731
+    if comm.is_root:
+        output = opened["output"]
+        output.processes, output.synchronize = comm.size, synchronize
+    else:
+        output = OutputShard(out, state, comm.rank, comm.size, synchronize)
+    if output.resumed:
+        path = output.hidden_path()
+        comm.check_all(path is None or path.is_file(),
+                       f"{output.partial}: a process's saved hidden states are missing "
+                       "(--out must be on storage every process sees)")
+    return output
 
 
 def compress(model, calibration=None, budget: Optional[float] = None, *, recipe: Optional[str] = None,
@@ -232,6 +262,11 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
         (block by block for a streamed source), in ``summary["perplexity"]``; skipped with a
         message when the data is missing.
 
+    Under torchrun (or in a torch.distributed process group the caller set up) every process
+    calls this with the same arguments and works on its shard of the calibration sequences
+    (:mod:`rom_fast.distributed`); results equal one process's to float64 rounding, and only
+    process 0 writes ``out``.
+
     Returns a :class:`CompressionResult`: ``.model`` (in memory, or loaded lazily from ``out``
     for a streamed directory), ``.path``, ``.summary``, ``.plan``, ``.report``.
     """
@@ -242,6 +277,8 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
     _check_int("n_samples", n_samples, 1)
     _check_int("seq_len", seq_len, 2)
     _check_int("eval_windows", eval_windows, 0)
+    comm = distributed.communicator()
+    progress = progress and comm.is_root       # one process draws the bars
     if out is not None:
         out = Path(out)
         check_replaceable(out, overwrite, model if isinstance(model, (str, os.PathLike)) else None)
@@ -272,11 +309,11 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
             "options": {"centered": centered, "batch_size": options.batch_size, "merge": merge,
                         "activation_dtype": str(options.activation_dtype), "eigen_method": options.eigen_method},
         }
-        output = ResumableOutput(out, fingerprint, command, overwrite=overwrite, restart=restart)
+        output = _open_output(comm, out, fingerprint, command, overwrite, restart)
 
     perplexity = {}
     if eval_windows:
-        perplexity["before"] = _perplexity(source, tok, eval_windows, progress)
+        perplexity["before"] = _perplexity(source, tok, eval_windows, progress, comm)
     shape = source.shape()
     report = CompressionReport()
     spectra_json: dict = {}
@@ -286,12 +323,14 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
         plan = plans.RankPlan(**output.state["plan"])
         spectra_json = output.spectra_json()
         last = max((shape.block_of[n] for n in plan.ranks), default=-1)
-        print(f"rom_fast: resuming the interrupted run in {output.partial}: "
-              f"{output.blocks_done} of {last + 1} blocks done", file=sys.stderr)
+        if comm.is_root:
+            print(f"rom_fast: resuming the interrupted run in {output.partial}: "
+                  f"{output.blocks_done} of {last + 1} blocks done", file=sys.stderr)
     else:
         if calib is None:
             calib = calibration_tokens("generated", tok, n_samples=n_samples, seq_len=seq_len, seed=seed,
                                        model=source)
+        calib = comm.broadcast(calib, "calibration")        # process 0's tokens on every process
         input_ids, attention_mask, description = calib.input_ids, calib.attention_mask, calib.description
 
         def spectra():
@@ -300,20 +339,24 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
                 source, input_ids[:k], attention_mask[:k], batch_size=options.batch_size,
                 progress=progress, activation_dtype=options.activation_dtype,
                 workdir=str(out.parent) if out is not None else None, seconds=report.seconds,
-                grad_samples=planner_grad_samples)
+                grad_samples=planner_grad_samples, comm=comm)
             spectra_json.update({n: sp.to_json() for n, sp in collected.items()})
             return collected
 
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
-        plan = request.resolve(shape, spectra)
+        plan = comm.broadcast(request.resolve(shape, spectra), "plan")   # process 0's, bit for bit
         if output is not None:
             kept = plan.details.get("kept_params", shape.total_params) if not merge else shape.total_params
             hidden_bytes = input_ids.numel() * source.config.hidden_size * \
                 torch.empty(0, dtype=options.activation_dtype).element_size()
             weight_bytes = source.param_count * torch.empty(0, dtype=source.storage_dtype).element_size()
-            output.start(plan.to_json(), input_ids, attention_mask, description, spectra_json,
-                         needed_bytes=int(weight_bytes * kept / shape.total_params) + 2 * hidden_bytes)
+            needed = int(weight_bytes * kept / shape.total_params) + 2 * hidden_bytes
+            output.state = comm.from_root(lambda: output.start(plan.to_json(), input_ids, attention_mask, description,
+                                                               spectra_json, needed_bytes=needed) or output.state,
+                                          "output")
+            comm.check_all(output.partial.is_dir(), f"{output.partial} is not visible here: "
+                           "--out must be on storage every process sees")
 
     last_block = max((shape.block_of[n] for n in plan.ranks), default=-1)
     start = output.blocks_done if output is not None else 0
@@ -347,7 +390,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
 
     try:
         compress_blocks(source, input_ids, attention_mask, plan.ranks, options, progress=tick,
-                        block_done=block_done, start_block=start, report=report,
+                        block_done=block_done, start_block=start, report=report, comm=comm,
                         start_hidden=output.load_hidden if output is not None and start > 0 else None)
     except BaseException:
         if output is not None:
@@ -374,13 +417,15 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
         result_model = source.finished_model()
         summary["params_after"] = plans.total_params(result_model)
     else:
-        layers = {n: spec for i in range(last_block + 1) for n, spec in output.block_layers(i).items()}
+        layers = {n: spec for i in range(last_block + 1) for n, spec in output.block_layers(i).items()} \
+            if comm.is_root else {}
 
     def finish_summary(params_after: int) -> dict:
         summary["params_after"] = params_after
         summary["ratio"] = params_after / before
         summary["seconds"] = dict(report.seconds, total=time.perf_counter() - t0)
         summary["peak_rss_bytes"] = peak_rss_bytes()
+        summary.update(distributed.traffic_summary(comm))
         return summary
 
     if output is not None:
@@ -394,13 +439,17 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
             card = _model_card(source.name, plan, description, len(layers), before, params_after, merge, command)
             write_metadata(directory, source.config, tok, meta, card, layers, merge, generation_config)
 
-        output.finish(range(last_block + 1, source.n_blocks), source.original_block_tensors,
-                      source.outer_tensors(), metadata)
+        params_after = comm.from_root(lambda: output.finish(range(last_block + 1, source.n_blocks),
+                                                            source.original_block_tensors,
+                                                            source.outer_tensors(), metadata), "output")
+        if not comm.is_root:
+            finish_summary(params_after)
         if not source.streamed:
             result_model = source.model
     else:
         finish_summary(summary["params_after"])
     if perplexity and perplexity["before"] is not None:
         after = result_model if result_model is not None else open_source(out, tok)
-        perplexity["after"] = _perplexity(after, tok, eval_windows, progress)
+        perplexity["after"] = _perplexity(after, tok, eval_windows, progress, comm)
+        summary.update(distributed.traffic_summary(comm))
     return CompressionResult(out, summary, plan, report, result_model)

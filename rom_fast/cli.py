@@ -94,8 +94,14 @@ def _add_plan(sub) -> None:
                    help="storage precision of the saved block inputs")
 
 
+def _is_root() -> bool:
+    """Process 0 of a torch.distributed run, or the only process."""
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def run_plan(args) -> int:
-    from rom_fast import planner
+    from rom_fast import distributed, planner
     from rom_fast.calibration import calibration_tokens, default_calibration
     from rom_fast.plans import check_budget, check_reachable
     from rom_fast.sources import open_source
@@ -109,10 +115,14 @@ def run_plan(args) -> int:
     calib = calibration_tokens(args.calibration or default_calibration(), source.tokenizer,
                                n_samples=args.n_samples, seq_len=args.seq_len,
                                seed=None if args.seed < 0 else args.seed, model=source)
+    comm = distributed.communicator()
+    calib = comm.broadcast(calib, "calibration")
     spectra = planner.collect_spectra(source, calib.input_ids, calib.attention_mask, batch_size=args.batch_size,
-                                      progress=True, activation_dtype=_dtype(args.activation_dtype),
-                                      grad_samples=args.grad_samples)
+                                      progress=comm.is_root, activation_dtype=_dtype(args.activation_dtype),
+                                      grad_samples=args.grad_samples, comm=comm)
     plan = planner.planned(shape, args.budget, spectra, args.weighting)
+    if not comm.is_root:
+        return 0
     print(f"{plan.description}: {plan.details['kept_params']:,} of {plan.details['total_params']:,} "
           f"parameters ({plan.details['ratio']:.2%})")
     print(f"{'layer':44s} {'shape':>11s} {'rank':>6s} {'retained':>9s} {'sensitivity':>12s}")
@@ -165,6 +175,8 @@ def run_compress(args) -> int:
         centered=args.centered, batch_size=args.batch_size, activation_dtype=args.activation_dtype,
         merge=args.merge, overwrite=args.overwrite, restart=args.restart, eval_windows=args.eval_windows,
         command="rom-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    if not _is_root():
+        return 0                    # process 0 reports for a data-parallel run
     s = result.summary
     kept = f"{s['ratio']:.1%} kept"
     if s["merged"]:
@@ -175,7 +187,12 @@ def run_compress(args) -> int:
     if s["resumed_from_block"]:
         print(f"resumed      after block {s['resumed_from_block']} (times below are this run's)")
     print("time (s)     " + ", ".join(f"{k} {v:.1f}" for k, v in s["seconds"].items()))
-    print(f"peak RSS     {s['peak_rss_bytes'] / 2**30:.2f} GiB")
+    print(f"peak RSS     {s['peak_rss_bytes'] / 2**30:.2f} GiB" + (" (process 0)" if s.get("processes") else ""))
+    if s.get("processes"):
+        moved = sum(t["bytes"] for t in s["traffic"].values())
+        waited = sum(t["seconds"] for t in s["traffic"].values())
+        print(f"processes    {s['processes']} (torch.distributed): {moved / 2**20:.1f} MiB exchanged, "
+              f"{waited:.1f} s in exchanges (waits for the slowest process included)")
     ppl = s.get("perplexity", {})
     if ppl.get("before") is not None:
         print(f"WikiText-2 perplexity ({args.eval_windows} x 512 tokens): {ppl['before']:.2f} -> {ppl['after']:.2f}")
@@ -277,6 +294,10 @@ def main(argv=None) -> int:
             raise
         print(f"rom-fast: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        if args.command in ("compress", "plan"):
+            from rom_fast.distributed import shutdown
+            shutdown()
 
 
 def _one_line(exc: BaseException) -> str:

@@ -414,7 +414,8 @@ def _eval_mode(model):
 
 
 def wikitext2_perplexity(model, tokenizer, path: str | None = None, window: int = 2048,
-                         max_windows: int | None = None, batch_size: int = 1, progress: bool = False) -> dict:
+                         max_windows: int | None = None, batch_size: int = 1, progress: bool = False,
+                         comm=None) -> dict:
     """Perplexity over non-overlapping windows of a text file.
 
     Args:
@@ -424,6 +425,9 @@ def wikitext2_perplexity(model, tokenizer, path: str | None = None, window: int 
         window: tokens per window, clipped to ``config.max_position_embeddings``.
         max_windows: keep only the first this many full windows.
         batch_size: windows per forward.
+        comm: a :class:`rom_fast.distributed.Communicator`: each process scores its share of the
+            windows and the NLL sums are all-reduced (float64), so every process returns the
+            whole text's perplexity.
 
     Returns:
         ``{"perplexity", "nll" (mean NLL per predicted token, nats),
@@ -459,6 +463,8 @@ def wikitext2_perplexity(model, tokenizer, path: str | None = None, window: int 
 
     forward = _Forward(model)
     batches = [windows[start : start + batch_size] for start in range(0, n_windows, batch_size)]
+    if comm is not None:
+        batches = comm.shard_list(batches)
     nll_sum = 0.0  # a Python float is float64
     with _eval_mode(model), torch.inference_mode():
         scored = zip(batches, forward.many((b, torch.ones_like(b), None) for b in batches))
@@ -471,6 +477,8 @@ def wikitext2_perplexity(model, tokenizer, path: str | None = None, window: int 
             nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             nll_sum += nll.double().sum().item()
             del logits, logp, nll   # before the next window's forward allocates its own
+    if comm is not None:
+        nll_sum = comm.all_reduce_scalar(nll_sum, "perplexity")
     n_tokens = n_windows * (window - 1)
     mean_nll = nll_sum / n_tokens
     return {

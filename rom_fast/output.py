@@ -89,6 +89,12 @@ def read_tensor_into(path: Path, name: str, out: torch.Tensor) -> None:
             raise ValueError(f"{path}: truncated")
 
 
+def shard_name(name: str, rank: int) -> str:
+    """Process ``rank``'s copy of a per-process file of a data-parallel run (process 0's is
+    ``name`` itself, so a one-process run's files keep their names)."""
+    return name if rank == 0 else name.replace(".safetensors", f".rank{rank}.safetensors")
+
+
 def directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -144,7 +150,16 @@ class ResumableOutput:
 
     ``fingerprint`` identifies the run (source, options, calibration): a partial directory
     with another fingerprint is refused. ``restart=True`` discards it instead.
+
+    Data-parallel runs (:mod:`rom_fast.distributed`): this object lives in process 0, which
+    writes everything but the other processes' hidden states; ``processes`` says how many
+    shards of them there are, and ``synchronize()`` returns once every process has written its
+    own (:class:`OutputShard`), before the state names them.
     """
+
+    rank = 0
+    processes = 1
+    synchronize: Optional[Callable[[], None]] = None
 
     def __init__(self, out, fingerprint: dict, command: str, overwrite: bool = False, restart: bool = False):
         self.out = Path(out)
@@ -201,8 +216,13 @@ class ResumableOutput:
         path = self.partial / SPECTRA_FILE
         return json.loads(path.read_text()) if path.is_file() else {}
 
+    def hidden_path(self) -> Optional[Path]:
+        """This process's saved hidden states of the next block, if the state names them."""
+        name = None if self.state is None else self.state.get("hidden")
+        return None if name is None else self.partial / shard_name(name, self.rank)
+
     def load_hidden(self, buffer: torch.Tensor) -> None:
-        read_tensor_into(self.partial / self.state["hidden"], "hidden", buffer)
+        read_tensor_into(self.hidden_path(), "hidden", buffer)
 
     def block_tensors(self, i: int) -> Dict[str, torch.Tensor]:
         with safe_open(str(self.partial / self.state["blocks"][str(i)]["file"]), framework="pt") as f:
@@ -239,6 +259,8 @@ class ResumableOutput:
         if hidden is not None:
             hidden_name = f"hidden-{i + 1:05d}.safetensors"
             save_tensors_atomic(self.partial / hidden_name, {"hidden": hidden})
+        if self.synchronize is not None:
+            self.synchronize()          # every process's shard is on disk before the state names it
         state = dict(self.state)
         state["blocks"] = dict(state["blocks"], **{str(i): {
             "file": name, "layers": layers, "params": sum(t.numel() for t in tensors.values())}})
@@ -248,7 +270,8 @@ class ResumableOutput:
         write_json_atomic(self.partial / STATE_FILE, state)
         self.state = state
         if previous and previous != hidden_name:
-            (self.partial / previous).unlink(missing_ok=True)
+            for rank in range(self.processes):
+                (self.partial / shard_name(previous, rank)).unlink(missing_ok=True)
 
     # -- completion ---------------------------------------------------------------------------
     def finish(self, dense_blocks: Iterable[int], dense_tensors: Callable[[int], Dict[str, torch.Tensor]],
@@ -273,9 +296,9 @@ class ResumableOutput:
         write_json_atomic(self.partial / INDEX_FILE,
                           {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
         write_metadata(self.partial, params)
-        for name in (CALIBRATION_FILE, self.state.get("hidden")):
-            if name:
-                (self.partial / name).unlink(missing_ok=True)
+        hidden = self.state.get("hidden")
+        for name in [CALIBRATION_FILE] + ([shard_name(hidden, r) for r in range(self.processes)] if hidden else []):
+            (self.partial / name).unlink(missing_ok=True)
         (self.partial / STATE_FILE).unlink()
         _fsync_dir(self.partial)
         if self.out.exists():
@@ -292,3 +315,32 @@ class ResumableOutput:
         """A run that failed before writing any block leaves nothing behind."""
         if self.partial.exists() and self.blocks_done == 0:
             shutil.rmtree(self.partial, ignore_errors=True)
+
+
+class OutputShard(ResumableOutput):
+    """What a process other than 0 of a data-parallel run keeps of the output: its own shard of
+    the hidden states. It reads the state process 0 validated (``state``: its dict, None for
+    a new run) and writes nothing else; finishing is process 0's."""
+
+    def __init__(self, out, state: Optional[dict], rank: int, processes: int,
+                 synchronize: Callable[[], None]):
+        self.out = Path(out)
+        self.partial = self.out.parent / f".{self.out.name}.partial"
+        self.state = state
+        self.rank, self.processes, self.synchronize = rank, processes, synchronize
+
+    def start(self, *args, **kwargs) -> None:
+        raise RuntimeError("process 0 starts the output")
+
+    def commit_block(self, i: int, tensors, dtype, layers, records, hidden: Optional[torch.Tensor]) -> None:
+        hidden_name = None if hidden is None else f"hidden-{i + 1:05d}.safetensors"
+        if hidden is not None:
+            save_tensors_atomic(self.partial / shard_name(hidden_name, self.rank), {"hidden": hidden})
+        self.synchronize()
+        self.state = dict(self.state or {}, blocks_done=i + 1, hidden=hidden_name)
+
+    def finish(self, *args, **kwargs) -> int:
+        raise RuntimeError("process 0 finishes the output")
+
+    def abandon(self) -> None:
+        pass

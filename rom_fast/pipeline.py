@@ -26,6 +26,7 @@ from torch import nn
 from rom_fast import kernels
 from rom_fast.adapters import ModelAdapter
 from rom_fast.blockwise import capture_block_inputs
+from rom_fast.distributed import Communicator
 from rom_fast.lowrank import from_factors
 from rom_fast.sources import BlockSource, release_freed_memory
 
@@ -109,8 +110,9 @@ class BlockCompressor:
     """Compresses one decoder block in place, given its calibration inputs."""
 
     def __init__(self, adapter: ModelAdapter, options: CompressionOptions, report: CompressionReport,
-                 timer: StageTimer):
+                 timer: StageTimer, comm: Optional[Communicator] = None):
         self.adapter, self.options, self.report, self.timer = adapter, options, report, timer
+        self.comm = comm or Communicator()   # data-parallel runs: Grams summed over processes when read
         self._scratch: Dict[tuple, torch.Tensor] = {}
 
     def _scratch_batches(self, hiddens: List[torch.Tensor], width: int) -> List[torch.Tensor]:
@@ -146,6 +148,8 @@ class BlockCompressor:
                 del lin, f
 
     def _replace(self, block, prefix, name, lin, f: kernels.Factorization, route: str):
+        # Process 0's factors on every process, bit for bit (another machine's BLAS may round otherwise).
+        self.comm.broadcast_arrays([a for a in (f.w1, f.w2, f.b1, f.b2, f.eigenvalues) if a is not None], "factors")
         self.report.seconds["eigensolver"] += f.eigen_seconds   # part of "factorize"
         parent, _, child = name.rpartition(".")
         with torch.inference_mode(False):   # ordinary parameters: the model can be cast, saved, fine-tuned
@@ -156,7 +160,7 @@ class BlockCompressor:
 
     def _gram(self, batches, token_masks, label: str) -> kernels.GramAccumulator:
         """Gram of stored activations over the real tokens (o_proj's input)."""
-        acc = kernels.GramAccumulator(batches[0].shape[-1], label)
+        acc = self.comm.gram_accumulator(batches[0].shape[-1], label)
         with self.timer("statistics"):
             for x, m in zip(batches, token_masks):
                 acc.update(_rows(x, m))
@@ -164,7 +168,7 @@ class BlockCompressor:
 
     def _normed_input_gram(self, norm, hiddens, token_masks, label: str) -> kernels.GramAccumulator:
         """Gram of norm(h) over the real tokens: the input shared by q/k/v, or by gate/up."""
-        acc = kernels.GramAccumulator(hiddens[0].shape[-1], label)
+        acc = self.comm.gram_accumulator(hiddens[0].shape[-1], label)
         for h, m in zip(hiddens, token_masks):
             with self.timer("forward"):
                 x = _rows(norm(h.float()), m)
@@ -230,7 +234,7 @@ class BlockCompressor:
         if down_name in ranks:
             down = block.get_submodule(down_name)
             output_route = down.in_features > down.out_features
-            acc = kernels.GramAccumulator(down.out_features if output_route else down.in_features,
+            acc = self.comm.gram_accumulator(down.out_features if output_route else down.in_features,
                                           f"{'outputs' if output_route else 'inputs'} of {prefix}{down_name}")
             dense_outputs = self._scratch_batches(hiddens, down.out_features) if output_route else None
             with _as_identity(mlp, a.down_proj):
@@ -287,7 +291,8 @@ def compress_blocks(source: BlockSource, input_ids: torch.Tensor, attention_mask
                     progress: Optional[Callable[[int, int], None]] = None,
                     block_done: Optional[Callable[[int, nn.Module, torch.Tensor], None]] = None,
                     start_block: int = 0, start_hidden: Optional[Callable[[torch.Tensor], None]] = None,
-                    report: Optional[CompressionReport] = None) -> CompressionReport:
+                    report: Optional[CompressionReport] = None,
+                    comm: Optional[Communicator] = None) -> CompressionReport:
     """Compresses the blocks of ``source`` named in ``ranks`` ({full module name: rank}), in
     order, each on the outputs of the blocks already compressed.
 
@@ -295,9 +300,12 @@ def compress_blocks(source: BlockSource, input_ids: torch.Tensor, attention_mask
     (one tensor, all calibration sequences); releasing the block is up to it. To continue an
     interrupted run, ``start_block`` skips the blocks before it and ``start_hidden(buffer)``
     fills the hidden-state buffer with that block's saved inputs. Blocks after the last one in
-    ``ranks`` are not run.
+    ``ranks`` are not run. With ``comm`` (:mod:`rom_fast.distributed`), this process runs its
+    shard of the sequences: ``hidden`` and the buffer ``start_hidden`` fills are the shard's.
     """
     options = options or CompressionOptions()
+    comm = comm or Communicator()
+    input_ids, attention_mask = comm.shard(options.batch_size, input_ids, attention_mask)
     report = report if report is not None else CompressionReport()
     timer = StageTimer(report.seconds)
     adapter = source.adapter
@@ -320,7 +328,7 @@ def compress_blocks(source: BlockSource, input_ids: torch.Tensor, attention_mask
             start_hidden(buffer)
     hiddens = list(buffer.split(options.batch_size))
     token_masks = [m.bool() for m in attention_mask.split(options.batch_size)]
-    compressor = BlockCompressor(adapter, options, report, timer)
+    compressor = BlockCompressor(adapter, options, report, timer, comm)
     for i in range(start_block, last_needed + 1):
         with timer("load"):
             block = source.load_block(i)

@@ -33,6 +33,7 @@ from torch import nn
 from rom_fast import kernels, plans
 from rom_fast.adapters import ModelAdapter
 from rom_fast.blockwise import capture_block_inputs
+from rom_fast.distributed import Communicator
 from rom_fast.lowrank import lowrank_params
 from rom_fast.pipeline import StageTimer
 from rom_fast.safetensors_index import write_safetensors
@@ -82,7 +83,7 @@ def _frozen(module: nn.Module):
 
 
 def _block_statistics(adapter: ModelAdapter, block: nn.Module, prefix: str, token_mask: List[torch.Tensor],
-                      timer: StageTimer):
+                      timer: StageTimer, comm: Communicator):
     """Forward hooks accumulating, on the real tokens, the Gram each stage's spectra need: one
     shared input Gram for q/k/v and for gate/up, the output Gram of each linear whose input is
     wider than its output (down_proj). Returns (accumulators, output-route flags, handles)."""
@@ -94,8 +95,8 @@ def _block_statistics(adapter: ModelAdapter, block: nn.Module, prefix: str, toke
         for rel in (stage.linears if lead.in_features > lead.out_features else stage.linears[:1]):
             mod = block.get_submodule(rel)
             use_out = mod.in_features > mod.out_features
-            accs[rel] = kernels.GramAccumulator(mod.out_features if use_out else mod.in_features,
-                                                f"{'outputs' if use_out else 'inputs'} of {prefix}{rel} (planner)")
+            accs[rel] = comm.gram_accumulator(mod.out_features if use_out else mod.in_features,
+                                              f"{'outputs' if use_out else 'inputs'} of {prefix}{rel} (planner)")
             output_route[rel] = use_out
 
             def hook(_m, args, out, rel=rel, use_out=use_out):
@@ -129,7 +130,8 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
                     activation_dtype: torch.dtype = torch.float32,
                     workdir: Optional[str] = None,
                     seconds: Optional[Dict[str, float]] = None,
-                    grad_samples: Optional[int] = DEFAULT_GRAD_SAMPLES) -> Dict[str, LayerSpectrum]:
+                    grad_samples: Optional[int] = DEFAULT_GRAD_SAMPLES,
+                    comm: Optional[Communicator] = None) -> Dict[str, LayerSpectrum]:
     """Spectra and sensitivities of every compressible linear of the dense model, one block in
     memory at a time, so a streamed 70B model is planned in the memory one block takes.
 
@@ -149,14 +151,23 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
     micro-batches; None: all), the spectra from all of them. ``seconds``, if given,
     accumulates wall time under ``planner_*`` keys (capture, load, forward (statistics
     included), statistics, spectra, head, backward (the recomputed forward included), io).
+
+    With ``comm`` (:mod:`rom_fast.distributed`) each process runs its shard of the sequences
+    (and of the first ``grad_samples``); Grams, squared gradients and token counts are summed
+    over the processes, so every process returns the spectra one process would.
     """
     timer = StageTimer(seconds if seconds is not None else {}, prefix="planner_")
+    comm = comm or Communicator()
     n_blocks = source.n_blocks
+    n_total = input_ids.shape[0]
+    n_grad_total = n_total if grad_samples is None else \
+        min(n_total, -(-_check_positive(grad_samples) // batch_size) * batch_size)
+    rows = comm.shard_rows(n_total, batch_size)
+    input_ids, attention_mask = input_ids[rows], attention_mask[rows]
+    n_grad = int((rows < n_grad_total).sum())      # whole micro-batches: n_grad_total is a batch boundary
     with timer("capture"):
         hidden, kwargs_list = capture_block_inputs(source, input_ids, attention_mask, batch_size, activation_dtype)
     masks = [m.bool() for m in attention_mask.split(batch_size)]
-    n_grad = hidden.shape[0] if grad_samples is None else \
-        min(hidden.shape[0], -(-_check_positive(grad_samples) // batch_size) * batch_size)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -166,16 +177,21 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
             saved = [Path(tmp) / f"input-{i:05d}.safetensors" for i in range(n_blocks)]
             raw = {}
             for i in range(n_blocks):
-                with timer("io"):
-                    write_safetensors(saved[i], {"hidden": hidden[:n_grad]})
-                raw.update(_forward_block(source, i, hidden, kwargs_list, masks, batch_size, timer))
+                if n_grad:
+                    with timer("io"):
+                        write_safetensors(saved[i], {"hidden": hidden[:n_grad]})
+                raw.update(_forward_block(source, i, hidden, kwargs_list, masks, batch_size, timer, comm))
                 if bar is not None:
                     bar.update(1)
-            with timer("head"):
-                grads = _loss_gradient(source, hidden[:n_grad], input_ids[:n_grad], attention_mask[:n_grad])
+            if n_grad:
+                with timer("head"):
+                    grads = _loss_gradient(source, hidden[:n_grad], input_ids[:n_grad], attention_mask[:n_grad])
             del hidden
             grad_sq: Dict[str, float] = {}
             for i in reversed(range(n_blocks)):
+                if not n_grad:      # a process whose shard has none of the gradient's sequences
+                    grad_sq.update({source.adapter.block_prefix(i) + rel: 0.0 for rel in source.adapter.linear_names()})
+                    continue
                 with timer("io"):
                     with safe_open(str(saved[i]), framework="pt") as f:
                         inputs = f.get_tensor("hidden")
@@ -189,9 +205,12 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
             bar.close()
 
     release_freed_memory()       # the backward passes' buffers, before compression's own
-    n_tokens = max(int(attention_mask[:n_grad].sum()), 1)
-    return {name: LayerSpectrum(name, d_out, d_in, vals, grad_sq[name] / n_tokens / d_out)
-            for name, (d_out, d_in, vals) in raw.items()}
+    names = list(raw)
+    sums = np.array([grad_sq[n] for n in names] + [float(attention_mask[:n_grad].sum())], dtype=np.float64)
+    comm.all_reduce(sums, "planner sensitivities")
+    n_tokens = max(sums[-1], 1.0)
+    return {name: LayerSpectrum(name, d_out, d_in, vals, float(sums[k]) / n_tokens / d_out)
+            for k, (name, (d_out, d_in, vals)) in enumerate(raw.items())}
 
 
 def _check_positive(n) -> int:
@@ -201,7 +220,7 @@ def _check_positive(n) -> int:
 
 
 def _forward_block(source: BlockSource, i: int, hidden: torch.Tensor, kwargs_list, masks, batch_size: int,
-                   timer: StageTimer) -> Dict[str, tuple]:
+                   timer: StageTimer, comm: Communicator) -> Dict[str, tuple]:
     """Block i over every sequence, in place in ``hidden``, with its stages' Grams accumulated
     on the way; returns its linears' ``{name: (d_out, d_in, eigenvalues)}``."""
     adapter = source.adapter
@@ -209,7 +228,7 @@ def _forward_block(source: BlockSource, i: int, hidden: torch.Tensor, kwargs_lis
         block = source.load_block(i)
     try:
         current = [masks[0]]           # the micro-batch's real-token mask, for the hooks
-        accs, output_route, handles = _block_statistics(adapter, block, adapter.block_prefix(i), current, timer)
+        accs, output_route, handles = _block_statistics(adapter, block, adapter.block_prefix(i), current, timer, comm)
         try:
             with timer("forward"), torch.inference_mode():
                 for v, kw, m in zip(hidden.split(batch_size), kwargs_list, masks):
