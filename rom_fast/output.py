@@ -14,13 +14,14 @@ refused, never mixed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 from safetensors import safe_open
@@ -61,16 +62,30 @@ def _durable_replace(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """A failed write (a full disk, a file size limit) names the file it was writing:
+    ``write()`` raises a bare "[Errno 28] No space left on device" otherwise."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
 def write_json_atomic(path: Path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    _durable_replace(tmp, path)
+    with naming(tmp):
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        _durable_replace(tmp, path)
 
 
 def save_tensors_atomic(path: Path, tensors: Dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    write_safetensors(tmp, tensors, dtype)
-    _durable_replace(tmp, path)
+    with naming(tmp):
+        write_safetensors(tmp, tensors, dtype)
+        _durable_replace(tmp, path)
 
 
 def read_tensor_into(path: Path, name: str, out: torch.Tensor) -> None:
@@ -241,7 +256,8 @@ class ResumableOutput:
                             {"input_ids": input_ids.contiguous(), "attention_mask": attention_mask.contiguous()})
         if spectra:
             path = self.partial / SPECTRA_FILE
-            path.write_text(json.dumps(spectra) + "\n")
+            with naming(path):
+                path.write_text(json.dumps(spectra) + "\n")
         self.state = {"format": STATE_FORMAT, "fingerprint": self.fingerprint, "command": self.command,
                       "started": datetime.datetime.now().isoformat(timespec="seconds"),
                       "plan": plan_json, "calibration": calibration_description,
@@ -295,7 +311,8 @@ class ResumableOutput:
         params = sum(e["params"] for e in blocks.values()) + sum(t.numel() for t in outer.values())
         write_json_atomic(self.partial / INDEX_FILE,
                           {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
-        write_metadata(self.partial, params)
+        with naming(self.partial):          # config, tokenizer and card
+            write_metadata(self.partial, params)
         hidden = self.state.get("hidden")
         for name in [CALIBRATION_FILE] + ([shard_name(hidden, r) for r in range(self.processes)] if hidden else []):
             (self.partial / name).unlink(missing_ok=True)
