@@ -32,52 +32,102 @@ def optimum_error(y, r):
 
 
 # ------------------------------------------------------------------ Gram accumulation
+U32, U64 = 2.0 ** -24, 2.0 ** -53
+
+
+def float32_gram_tolerance(x64, block_rows, blocks):
+    """The documented per-element bound of precision="float32": (B u32 + m u64) Σ|x_i||x_j|."""
+    ax = np.abs(x64)
+    return (block_rows * U32 + blocks * U64) * (ax.T @ ax)
+
+
 @pytest.mark.parametrize("d", [1, 7, 192, 576, 1536, pytest.param(4096, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_gram_matches_numpy(d, dtype):
+@pytest.mark.parametrize("dtype,precision", [(np.float32, "float32"), (np.float32, "float64"),
+                                             (np.float64, "float32")])
+def test_gram_matches_numpy(d, dtype, precision):
     rng = np.random.default_rng(d)
-    n = 300 if d < 4096 else 600
+    n = 3000 if d < 1536 else 1200      # several float32 blocks, the last one partial
     x = rng.standard_normal((n, d)).astype(dtype)
-    acc = rom_fast.GramAccumulator(d)
+    acc = rom_fast.GramAccumulator(d, precision=precision)
+    assert acc.precision == precision and acc.block_rows == rom_fast.GramAccumulator.DEFAULT_BLOCK_ROWS
     acc.update(x)
     x64 = x.astype(np.float64)
     ref = x64.T @ x64
     assert acc.count == n
-    np.testing.assert_allclose(acc.gram, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+    if dtype == np.float32 and precision == "float32":
+        b = acc.block_rows
+        err = np.abs(acc.gram - ref)
+        assert np.all(err <= float32_gram_tolerance(x64, b, -(-n // b)))
+        assert err.max() > 0          # float32 products really were used
+    else:                             # float64 arithmetic (float64 input ignores precision)
+        np.testing.assert_allclose(acc.gram, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
     np.testing.assert_allclose(acc.column_sum, x64.sum(0), rtol=1e-12, atol=1e-12 * n)
     np.testing.assert_array_equal(acc.gram, acc.gram.T)
     cen = x64 - x64.mean(0)
-    np.testing.assert_allclose(acc.centered_gram(), cen.T @ cen, rtol=0, atol=1e-10 * np.abs(ref).max())
+    np.testing.assert_allclose(acc.centered_gram(), cen.T @ cen, rtol=0, atol=1e-6 * np.abs(ref).max())
+
+
+def test_float32_gram_bound_is_tight_enough_to_catch_float32_accumulation():
+    """Identical rows make float32 rounding systematic. Over 64-row blocks the bound holds;
+    numpy's float32 X.T @ X (one float32 sum over all rows: the too-loose implementation)
+    breaks the same bound."""
+    n, d, b = 262144, 8, 64
+    v = (1.0 + 0.37 * np.arange(d) / d + 1e-3 * np.sin(np.arange(d))).astype(np.float32)
+    x = np.broadcast_to(v, (n, d)).copy()
+    exact = n * np.outer(v.astype(np.float64), v.astype(np.float64))
+    tol = (b * U32 + (n // b) * U64) * exact
+    acc = rom_fast.GramAccumulator(d, block_rows=b)
+    acc.update(x)
+    assert np.all(np.abs(acc.gram - exact) <= tol)
+    through = (x.T @ x).astype(np.float64)
+    assert np.any(np.abs(through - exact) > tol)
 
 
 def test_gram_chunking_merge_and_threads_do_not_matter():
+    """float64 arithmetic: any chunking or thread count; float32 blocks: any split into whole
+    chunks (blocks never straddle chunks, as across processes), and a thread count that
+    changes the rounding only within the bound."""
     rng = np.random.default_rng(0)
     n, d = 5000, 576
     x = rng.standard_normal((n, d)).astype(np.float32)
-    whole = rom_fast.GramAccumulator(d)
-    whole.update(x)
-    chunked = rom_fast.GramAccumulator(d)
-    bounds = np.unique(np.concatenate([[0, 1, 2, 3, 700, 701, 4000], rng.integers(0, n, 20), [n]]))
-    for a, b in zip(bounds[:-1], bounds[1:]):  # chunks of 1 and of thousands
-        chunked.update(x[a:b])
-    parts = [rom_fast.GramAccumulator(d) for _ in range(3)]
-    for part, sl in zip(parts, np.array_split(np.arange(n), 3)):
-        part.update(x[sl])
-    parts[0].merge(parts[1])
-    parts[0].merge(parts[2])
-    ref = whole.gram
-    scale = np.abs(ref).max()
-    for other in (chunked, parts[0]):
-        assert other.count == n
-        np.testing.assert_allclose(other.gram, ref, rtol=0, atol=1e-13 * scale)
-    before = rom_fast.get_num_threads()
-    try:
-        rom_fast.set_num_threads(1)
-        single = rom_fast.GramAccumulator(d)
-        single.update(x)
-    finally:
-        rom_fast.set_num_threads(before)
-    np.testing.assert_allclose(single.gram, ref, rtol=0, atol=1e-13 * scale)
+    for precision in ("float64", "float32"):
+        whole = rom_fast.GramAccumulator(d, precision=precision)
+        chunked = rom_fast.GramAccumulator(d, precision=precision)
+        if precision == "float64":
+            whole.update(x)
+            bounds = np.unique(np.concatenate([[0, 1, 2, 3, 700, 701, 4000], rng.integers(0, n, 20), [n]]))
+            for a, b in zip(bounds[:-1], bounds[1:]):  # chunks of 1 and of thousands
+                chunked.update(x[a:b])
+        else:
+            bounds = np.arange(0, n + 1, 1000)         # the pipeline's micro-batch chunks
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                whole.update(x[a:b])
+            chunked = rom_fast.GramAccumulator(d, precision=precision)
+            for a, b in zip(bounds[:-1][::-1], bounds[1:][::-1]):   # other order
+                chunked.update(x[a:b])
+        parts = [rom_fast.GramAccumulator(d, precision=precision) for _ in range(3)]
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            parts[i % 3].update(x[a:b])
+        parts[0].merge(parts[1])
+        parts[0].merge(parts[2])
+        ref = whole.gram
+        scale = np.abs(ref).max()
+        for other in (chunked, parts[0]):
+            assert other.count == n
+            np.testing.assert_allclose(other.gram, ref, rtol=0, atol=1e-13 * scale)
+        before = rom_fast.get_num_threads()
+        try:
+            rom_fast.set_num_threads(1)
+            single = rom_fast.GramAccumulator(d, precision=precision)
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                single.update(x[a:b])
+        finally:
+            rom_fast.set_num_threads(before)
+        if precision == "float64":
+            np.testing.assert_allclose(single.gram, ref, rtol=0, atol=1e-13 * scale)
+        else:   # OpenBLAS splits ssyrk's sums by thread count: both sides within the bound
+            x64 = x.astype(np.float64)
+            assert np.all(np.abs(single.gram - ref) <= 2 * float32_gram_tolerance(x64, 1000, 5))
 
 
 def test_gram_accepts_torch_tensors_without_copy_semantics_change():
@@ -94,6 +144,10 @@ def test_gram_bad_inputs():
     acc = rom_fast.GramAccumulator(8)
     with pytest.raises(ValueError, match="dim"):
         rom_fast.GramAccumulator(0)
+    with pytest.raises(ValueError, match="precision must be 'float32' or 'float64'"):
+        rom_fast.GramAccumulator(8, precision="bfloat16")
+    with pytest.raises(ValueError, match="block_rows"):
+        rom_fast.GramAccumulator(8, block_rows=0)
     with pytest.raises(TypeError, match="x must have dtype"):
         acc.update(np.ones((3, 8), dtype=np.int64))
     with pytest.raises(TypeError, match="x must have dtype"):
@@ -144,7 +198,9 @@ def test_long_chunk_is_checked_whole_before_any_of_it_counts():
     acc.update(x)
     x64 = np.concatenate([x[:10], x]).astype(np.float64)
     ref = x64.T @ x64
-    np.testing.assert_allclose(acc.gram, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+    b = acc.block_rows
+    tol = float32_gram_tolerance(x64, b, 1 + -(-len(x) // b))
+    assert np.all(np.abs(acc.gram - ref) <= tol)
     np.testing.assert_allclose(acc.column_sum, x64.sum(0), rtol=1e-12, atol=1e-9)
 
 

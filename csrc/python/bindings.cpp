@@ -96,8 +96,28 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_num_threads", &rom_fast::get_num_threads);
   m.def("blas_threads_controlled", &rom_fast::blas_threads_controlled);
 
-  py::class_<rom_fast::GramAccumulator>(m, "GramAccumulator")
-      .def(py::init<index_t>(), py::arg("dim"))
+  py::class_<rom_fast::GramAccumulator> gram_accumulator(m, "GramAccumulator");
+  gram_accumulator.attr("DEFAULT_BLOCK_ROWS") = rom_fast::GramAccumulator::kDefaultBlockRows;
+  gram_accumulator
+      .def(py::init([](index_t dim, const std::string& precision, index_t block_rows) {
+             if (precision != "float32" && precision != "float64") {
+               throw py::value_error("precision must be 'float32' or 'float64', got '" +
+                                     precision + "'");
+             }
+             return new rom_fast::GramAccumulator(
+                 dim, precision == "float32" ? rom_fast::GramPrecision::Float32
+                                             : rom_fast::GramPrecision::Float64,
+                 block_rows);
+           }),
+           py::arg("dim"), py::arg("precision") = "float32",
+           py::arg("block_rows") = rom_fast::GramAccumulator::kDefaultBlockRows)
+      .def_property_readonly("precision",
+                             [](const rom_fast::GramAccumulator& self) {
+                               return self.precision() == rom_fast::GramPrecision::Float32
+                                          ? "float32"
+                                          : "float64";
+                             })
+      .def_property_readonly("block_rows", &rom_fast::GramAccumulator::block_rows)
       .def(
           "update",
           [](rom_fast::GramAccumulator& self, const py::object& xo) {

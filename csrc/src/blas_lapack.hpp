@@ -49,6 +49,7 @@ inline blas_int lwork_from(double query, const char* routine) {
 #define ROM_FAST_F77(name) ROM_FAST_CAT(ROM_FAST_CAT(ROM_FAST_BLAS_PREFIX, name), ROM_FAST_BLAS_SUFFIX)
 
 #define dsyrk_f ROM_FAST_F77(dsyrk)
+#define ssyrk_f ROM_FAST_F77(ssyrk)
 #define dgemm_f ROM_FAST_F77(dgemm)
 #define sgemm_f ROM_FAST_F77(sgemm)
 #define dtrmm_f ROM_FAST_F77(dtrmm)
@@ -66,6 +67,9 @@ using fortran_len = std::size_t;
 void dsyrk_f(const char* uplo, const char* trans, const blas_int* n, const blas_int* k,
              const double* alpha, const double* a, const blas_int* lda, const double* beta,
              double* c, const blas_int* ldc, fortran_len, fortran_len);
+void ssyrk_f(const char* uplo, const char* trans, const blas_int* n, const blas_int* k,
+             const float* alpha, const float* a, const blas_int* lda, const float* beta,
+             float* c, const blas_int* ldc, fortran_len, fortran_len);
 void dgemm_f(const char* transa, const char* transb, const blas_int* m, const blas_int* n,
              const blas_int* k, const double* alpha, const double* a, const blas_int* lda,
              const double* b, const blas_int* ldb, const double* beta, double* c,

@@ -19,15 +19,26 @@ using detail::to_blas;
 
 namespace {
 
-// Rows widened per dsyrk call for float32 input: large enough for dsyrk to run at its
+// Rows widened per dsyrk call for float32 input (GramPrecision::Float64): large enough for dsyrk to run at its
 // GEMM-like rate, small enough that the float64 copy stays in a few MB of cache-friendly
 // memory. The token split does not change the result beyond float64 rounding.
 index_t staging_rows(index_t dim) { return std::max<index_t>(1024, (index_t{1} << 22) / dim); }
 
+// Below these sizes a pass runs on one thread: a parallel region's start-up (and, on a shared
+// machine, waiting for a core that BLAS's just-finished threads still spin on) costs more than
+// the pass. Measured: a pipeline chunk's (1024 x 576) column sums, ~1 ms on one thread.
+constexpr index_t kParallelScanValues = index_t{1} << 22;
+constexpr index_t kParallelFlushDim = 2048;
+
 }  // namespace
 
-GramAccumulator::GramAccumulator(index_t dim) : dim_(dim) {
+GramAccumulator::GramAccumulator(index_t dim, GramPrecision precision, index_t block_rows)
+    : dim_(dim), precision_(precision), block_rows_(block_rows) {
   require(dim >= 1, "GramAccumulator: dim must be >= 1, got " + std::to_string(dim));
+  require(block_rows >= 1,
+          "GramAccumulator: block_rows must be >= 1, got " + std::to_string(block_rows));
+  require(precision == GramPrecision::Float32 || precision == GramPrecision::Float64,
+          "GramAccumulator: unknown precision");
   upper_.assign(static_cast<std::size_t>(dim * dim), 0.0);
   colsum_.assign(static_cast<std::size_t>(dim), 0.0);
 }
@@ -41,7 +52,7 @@ void GramAccumulator::scan_chunk(const T* x, index_t n, std::vector<double>& sum
   sums.assign(static_cast<std::size_t>(d), 0.0);
   double* out = sums.data();
   detail::ParallelErrors errors;
-#pragma omp parallel
+#pragma omp parallel if (n * d >= kParallelScanValues)
   {
     index_t lo = 0, hi = d;
 #ifdef _OPENMP
@@ -84,17 +95,46 @@ void GramAccumulator::update(const double* x, index_t n) {
   commit(sums, n);
 }
 
-void GramAccumulator::update(const float* x, index_t n) {
-  require(n >= 0, "GramAccumulator.update: negative row count");
-  if (n == 0) return;
-  std::vector<double> sums;
-  scan_chunk(x, n, sums);
+void GramAccumulator::accumulate_f32_blocks(const float* x, index_t n) {
+  const index_t d = dim_;
+  if (scratch_.empty()) scratch_.resize(static_cast<std::size_t>(d * d));
+  const blas_int bn = to_blas(d, "dim");
+  const float one = 1.0f, zero = 0.0f;
+  float* s = scratch_.data();
+  double* up = upper_.data();
+  for (index_t start = 0; start < n; start += block_rows_) {
+    const blas_int bk = to_blas(std::min(block_rows_, n - start), "rows");
+    // beta = 0: the scratch holds this block alone, so float32 error never spans blocks.
+    ssyrk_f("U", "N", &bn, &bk, &one, x + start * d, &bn, &zero, s, &bn, 1, 1);
+    // Column j holds j + 1 valid values: small interleaved chunks balance the triangle.
+#pragma omp parallel for schedule(static, 16) if (d >= kParallelFlushDim)
+    for (index_t j = 0; j < d; ++j) {
+      const float* src = s + j * d;
+      double* dst = up + j * d;
+      for (index_t i = 0; i <= j; ++i) dst[i] += static_cast<double>(src[i]);
+    }
+  }
+}
+
+void GramAccumulator::accumulate_f32_widened(const float* x, index_t n) {
   const index_t block = std::min(n, staging_rows(dim_));
   staging_.resize(static_cast<std::size_t>(block * dim_));
   for (index_t start = 0; start < n; start += block) {
     const index_t rows = std::min(block, n - start);
     detail::widen_into(x + start * dim_, rows * dim_, staging_.data());
     accumulate_f64(staging_.data(), rows, dim_);
+  }
+}
+
+void GramAccumulator::update(const float* x, index_t n) {
+  require(n >= 0, "GramAccumulator.update: negative row count");
+  if (n == 0) return;
+  std::vector<double> sums;
+  scan_chunk(x, n, sums);  // throws before anything is modified
+  if (precision_ == GramPrecision::Float32) {
+    accumulate_f32_blocks(x, n);
+  } else {
+    accumulate_f32_widened(x, n);
   }
   commit(sums, n);
 }
