@@ -27,7 +27,7 @@ from rom_fast.calibration import CalibrationBatch, calibration_tokens, default_c
 from rom_fast.checkpoint import factorized_layers, load, write_metadata
 from rom_fast.lowrank import apply_structure, merge_lowrank
 from rom_fast.output import OutputShard, ResumableOutput, check_replaceable
-from rom_fast.pipeline import CompressionOptions, CompressionReport, LayerRecord, compress_blocks
+from rom_fast.pipeline import DEFAULT_ANCHOR, CompressionOptions, CompressionReport, LayerRecord, compress_blocks
 from rom_fast.sources import BlockSource, open_source, release_freed_memory
 
 
@@ -234,7 +234,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
              command: Optional[str] = None, planner_samples: int = 128,
              planner_grad_samples: int = planner.DEFAULT_GRAD_SAMPLES, weighting: str = "fisher",
              activation_dtype: Union[str, torch.dtype] = "float32",
-             eval_windows: int = 0) -> CompressionResult:
+             eval_windows: int = 0, anchor: float = DEFAULT_ANCHOR, ridge: float = 1e-3) -> CompressionResult:
     """Compresses a LLaMA-family model by reduced order modelling, one block at a time.
 
     model: a transformers model object (compressed in place: copy it first to keep the dense
@@ -258,6 +258,10 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
         ``merge=True`` writes dense ``W1 W2`` weights instead of the two factors.
     activation_dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``: the precision the
         calibration activations are stored in between layers (arithmetic stays float32).
+    anchor: dense-anchored targets (0: the paper's objective, each layer's own output on the
+        compressed path's inputs; alpha > 0 also fits the dense model's output at the same
+        tokens with weight alpha; ``float("inf")``: only the dense output). ``ridge``
+        regularises the regression it needs (a fraction of the mean input eigenvalue).
     eval_windows: if > 0, WikiText-2 perplexity on that many 512-token windows before and after
         (block by block for a streamed source), in ``summary["perplexity"]``; skipped with a
         message when the data is missing.
@@ -272,7 +276,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
     """
     t0 = time.perf_counter()
     options = CompressionOptions(centered=centered, batch_size=_check_int("batch_size", batch_size, 1),
-                                 activation_dtype=activation_dtype)
+                                 activation_dtype=activation_dtype, anchor=float(anchor), ridge=float(ridge))
     request = PlanRequest(budget, recipe, ranks, last_k, weighting, planner_samples, planner_grad_samples)
     _check_int("n_samples", n_samples, 1)
     _check_int("seq_len", seq_len, 2)
@@ -307,7 +311,8 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
             else _tokens_key(calib.input_ids, calib.attention_mask),
             "plan": request.to_json(),
             "options": {"centered": centered, "batch_size": options.batch_size, "merge": merge,
-                        "activation_dtype": str(options.activation_dtype), "eigen_method": options.eigen_method},
+                        "activation_dtype": str(options.activation_dtype), "eigen_method": options.eigen_method,
+                        **({"anchor": options.anchor, "ridge": options.ridge} if options.anchor else {})},
         }
         output = _open_output(comm, out, fingerprint, command, overwrite, restart)
 

@@ -68,6 +68,10 @@ def _add_compress(sub) -> None:
     p.add_argument("--eval-windows", type=int, default=40,
                    help="WikiText-2 perplexity before/after on this many 512-token windows, block by block "
                         "for a directory (0: skip)")
+    p.add_argument("--anchor", type=float, default=None, metavar="ALPHA",
+                   help="dense-anchored targets: weight of the dense model's outputs in each layer's fit "
+                        "(0: the paper's objective, inf: the dense outputs only; default: "
+                        "rom_fast.DEFAULT_ANCHOR); keeps the dense path's activations beside the compressed ones")
 
 
 def _add_plan(sub) -> None:
@@ -174,6 +178,7 @@ def run_compress(args) -> int:
         n_samples=args.n_samples, seq_len=args.seq_len, seed=None if args.seed < 0 else args.seed,
         centered=args.centered, batch_size=args.batch_size, activation_dtype=args.activation_dtype,
         merge=args.merge, overwrite=args.overwrite, restart=args.restart, eval_windows=args.eval_windows,
+        **({} if args.anchor is None else {"anchor": args.anchor}),
         command="rom-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     if not _is_root():
         return 0                    # process 0 reports for a data-parallel run

@@ -17,6 +17,7 @@ from rom_fast._native import _core
 
 LapackError = _core.LapackError
 InputFactor = _core.InputFactor
+AnchorCorrection = _core.AnchorCorrection
 set_num_threads = _core.set_num_threads
 get_num_threads = _core.get_num_threads
 
@@ -184,8 +185,53 @@ def lowrank_apply(x, w1, w2, b1=None) -> np.ndarray:
                                as_optional(b1, "b1"))
 
 
+class CrossGramAccumulator(_core.CrossGramAccumulator):
+    """Streaming cross moment ``X_dᵀ X_c`` (float64) of row-aligned chunks: row t of
+    ``x_dense`` and of ``x_comp`` are one token on the dense and on the compressed path.
+
+    ``update(x_dense, x_comp)`` takes ``n × dim_dense`` and ``n × dim_comp`` arrays of one
+    dtype (float32/float64); ``cross``, ``dense_column_sum`` and ``count`` read it.
+    """
+
+    def __init__(self, dim_dense: int, dim_comp: int, label: str = ""):
+        super().__init__(dim_dense, dim_comp)
+        self.label = label
+
+    def update(self, x_dense, x_comp) -> None:
+        try:
+            super().update(as_array(x_dense, "x_dense"), as_array(x_comp, "x_comp"))
+        except ValueError as exc:
+            if not self.label or "non-finite" not in str(exc):
+                raise
+            raise ValueError(f"{self.label} (dense path): {exc}") from None
+
+
+def anchor_correction(comp: GramAccumulator, cross: CrossGramAccumulator, *, ridge: float = 1e-3,
+                      with_bias: bool = False) -> AnchorCorrection:
+    """The drift correction ``M = (C_dc − C_cc)(C_cc + λI)⁻¹`` of one stage's inputs
+    (``λ = ridge · mean diag C_cc``), shared by the layers reading them; ``with_bias`` adds the
+    constant feature a layer bias needs. See :func:`anchored_target`."""
+    if comp.dim != cross.dim_dense or comp.dim != cross.dim_comp:
+        raise ValueError(f"the Gram is {comp.dim}-dimensional, the cross moment "
+                         f"{cross.dim_dense} x {cross.dim_comp}")
+    if comp.count != cross.count:
+        raise ValueError(f"the Gram and the cross moment count different tokens ({comp.count} vs {cross.count})")
+    # Read through the Python properties: a data-parallel accumulator sums over processes there.
+    return AnchorCorrection(comp.gram, comp.column_sum, cross.cross, cross.dense_column_sum,
+                            float(comp.count), float(ridge), bool(with_bias))
+
+
+def anchored_target(correction: AnchorCorrection, weight, alpha: float, bias=None):
+    """``(W_eff, b_eff)`` (float64) with ``W_eff = W C_mix C_cc⁻¹``,
+    ``C_mix = (C_cc + α C_dc)/(1 + α)``: :func:`factorize` of ``W_eff`` on the compressed
+    inputs' Gram minimises ``‖W X_c − B X_c‖² + α‖W X_d − B X_c‖²`` over rank-r ``B``.
+    ``alpha=0`` returns ``W``; ``float("inf")`` fits only the dense outputs."""
+    return correction.apply(as_array(weight, "weight"), as_optional(bias, "bias"), float(alpha))
+
+
 __all__ = [
-    "Factorization", "GramAccumulator", "InputFactor", "LapackError", "eigenvalues",
+    "AnchorCorrection", "CrossGramAccumulator", "Factorization", "GramAccumulator", "InputFactor",
+    "LapackError", "anchor_correction", "anchored_target", "eigenvalues",
     "factorize", "factorize_output_gram", "get_num_threads", "input_factor", "lowrank_apply",
     "output_spectrum", "set_num_threads", "top_eigenpairs",
 ]

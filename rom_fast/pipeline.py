@@ -15,11 +15,14 @@ block's inputs. Statistics and factors are computed by the native core.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +33,9 @@ from rom_fast.distributed import Communicator
 from rom_fast.lowrank import from_factors
 from rom_fast.sources import BlockSource, release_freed_memory
 
+
+# The anchor weight alpha a run uses unless told (bench/README.md, "Dense-anchored targets").
+DEFAULT_ANCHOR = 0.0
 
 ACTIVATION_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -43,6 +49,11 @@ class CompressionOptions:
     # in, a torch dtype or its name; all arithmetic stays float32. Half precision halves the
     # largest buffers at ≤ 1.5% perplexity either way (bench/README.md, "Activation precision").
     activation_dtype: Union[str, torch.dtype] = torch.float32
+    # Dense-anchored targets: 0 fits each layer's own output on the compressed path's inputs
+    # (the paper); alpha > 0 also fits the *dense* model's output at the same tokens, weight
+    # alpha (inf: only the dense one), which corrects the drift of the layers before it.
+    anchor: float = DEFAULT_ANCHOR
+    ridge: float = 1e-3             # of the mean eigenvalue, regularises C_cc^-1 in the anchored fit
 
     def __post_init__(self):
         dtype = ACTIVATION_DTYPES.get(self.activation_dtype, self.activation_dtype)
@@ -50,6 +61,12 @@ class CompressionOptions:
             raise ValueError(f"activation_dtype must be one of {sorted(ACTIVATION_DTYPES)}, "
                              f"got {self.activation_dtype!r}")
         self.activation_dtype = dtype
+        if not (self.anchor >= 0):
+            raise ValueError(f"anchor must be >= 0 (0: the paper's objective, inf: the dense outputs), got {self.anchor}")
+        if self.anchor and self.centered:
+            raise ValueError("anchor= and centered= cannot be combined")
+        if not (self.ridge > 0):
+            raise ValueError(f"ridge must be > 0, got {self.ridge}")
 
 
 @dataclass
@@ -126,25 +143,39 @@ class BlockCompressor:
         return list(self._scratch[key].split([h.shape[0] for h in hiddens]))
 
     # -- statistics -> factors ------------------------------------------------------------
-    def _factorize_input_stage(self, block: nn.Module, prefix: str, names, ranks, acc):
+    def _factorize_input_stage(self, block: nn.Module, prefix: str, names, ranks, acc, cross=None):
         """Factorizes the linears of one stage from their shared input statistics. Takes the
         caller's only reference to ``acc``: it is freed once the input factor is built, and
-        each dense weight once its factors are in place (a 7B block's peak is here)."""
+        each dense weight once its factors are in place (a 7B block's peak is here). With
+        ``cross`` (dense-anchored), each weight is first moved to its anchored target."""
         todo = [n for n in names if n in ranks]
         if not todo:
             return
         with self.timer("factorize"):
             has_bias = any(block.get_submodule(n).bias is not None for n in todo)
+            targets, anchored = {}, cross is not None
+            if anchored:
+                correction = kernels.anchor_correction(acc, cross, ridge=self.options.ridge, with_bias=has_bias)
+                del cross
+                for name in todo:
+                    lin = block.get_submodule(name)
+                    targets[name] = kernels.anchored_target(
+                        correction, lin.weight.detach().numpy(), self.options.anchor,
+                        bias=None if lin.bias is None else lin.bias.detach().numpy())
+                del correction
             factor = kernels.input_factor(acc, centered=self.options.centered,
                                           with_bias=has_bias and not self.options.centered)
             del acc
             for name in todo:
                 lin = block.get_submodule(name)
-                bias = None if lin.bias is None else lin.bias.detach().numpy()
-                f = kernels.factorize(lin.weight.detach().numpy(), factor, ranks[name],
+                weight, bias = targets.pop(name, (lin.weight.detach().numpy(),
+                                                  None if lin.bias is None else lin.bias.detach().numpy()))
+                f = kernels.factorize(weight, factor, ranks[name],
                                       centered=self.options.centered, bias=bias,
                                       method=self.options.eigen_method)
-                self._replace(block, prefix, name, lin, f, "input-gram")
+                if weight.dtype != lin.weight.detach().numpy().dtype:
+                    f = _cast_factors(f, lin.weight.dtype)
+                self._replace(block, prefix, name, lin, f, "input-gram" + ("+anchored" if anchored else ""))
                 del lin, f
 
     def _replace(self, block, prefix, name, lin, f: kernels.Factorization, route: str):
@@ -166,48 +197,71 @@ class BlockCompressor:
                 acc.update(_rows(x, m))
         return acc
 
-    def _normed_input_gram(self, norm, hiddens, token_masks, label: str) -> kernels.GramAccumulator:
-        """Gram of norm(h) over the real tokens: the input shared by q/k/v, or by gate/up."""
+    def _normed_input_stats(self, norm, hiddens, dense_hiddens, token_masks, label: str):
+        """Gram of norm(h) over the real tokens (the input shared by q/k/v, or by gate/up) and,
+        when anchoring, the cross moment of the dense path's norm(h_d) with it."""
         acc = self.comm.gram_accumulator(hiddens[0].shape[-1], label)
-        for h, m in zip(hiddens, token_masks):
+        cross = kernels.CrossGramAccumulator(acc.dim, acc.dim, label) if dense_hiddens is not None else None
+        for i, (h, m) in enumerate(zip(hiddens, token_masks)):
             with self.timer("forward"):
                 x = _rows(norm(h.float()), m)
+                xd = None if cross is None else _rows(norm(dense_hiddens[i].float()), m)
             with self.timer("statistics"):
                 acc.update(x)
-        return acc
+                if cross is not None:
+                    cross.update(xd, x)
+        return acc, cross
 
     # -- the block --------------------------------------------------------------------------
     @torch.inference_mode()
     def compress(self, block: nn.Module, prefix: str, hiddens: List[torch.Tensor], kwargs_list,
-                 token_masks: List[torch.Tensor], ranks: Dict[str, int]) -> List[torch.Tensor]:
+                 token_masks: List[torch.Tensor], ranks: Dict[str, int],
+                 dense_hiddens: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
         """Compresses the linears of ``block`` named in ``ranks`` (relative names) and returns
-        the block's outputs, computed with the compressed block."""
+        the block's outputs, computed with the compressed block. With ``dense_hiddens`` (the
+        dense model's inputs of this block at the same tokens; dense-anchored targets), those
+        are advanced in place to the dense block's outputs."""
         a = self.adapter
+        anchoring = dense_hiddens is not None
+        dense = copy.deepcopy(block) if anchoring else None   # the block as it was, for the dense path
         norm1 = block.get_submodule(a.input_norm)
         norm2 = block.get_submodule(a.post_attention_norm)
         attn = block.get_submodule(a.attention)
         mlp = block.get_submodule(a.mlp)
         stages = a.stages
 
-        def attention(h, kw):
-            return a.attention_forward(block, norm1(h.float()), kw)
+        def attention(blk, h, kw):
+            return a.attention_forward(blk, norm1(h.float()), kw)
 
         # 1. q/k/v from the attention input.
         if any(n in ranks for n in stages[0].linears):
-            self._factorize_input_stage(block, prefix, stages[0].linears, ranks,
-                                        self._normed_input_gram(norm1, hiddens, token_masks,
-                                                                _inputs_label(prefix, stages[0].linears)))
+            acc, cross = self._normed_input_stats(norm1, hiddens, dense_hiddens, token_masks,
+                                                  _inputs_label(prefix, stages[0].linears))
+            self._factorize_input_stage(block, prefix, stages[0].linears, ranks, acc, cross)
+            del acc, cross
 
         # 2. o_proj from the attention output (computed once, with q/k/v compressed).
         out_proj = attn.get_submodule(a.out_proj)
         attn_out = self._scratch_batches(hiddens, out_proj.in_features)
+        need_o = any(n in ranks for n in stages[1].linears)
+        cross = kernels.CrossGramAccumulator(out_proj.in_features, out_proj.in_features,
+                                             _inputs_label(prefix, stages[1].linears)) if anchoring and need_o else None
         with _as_identity(attn, a.out_proj):
             with self.timer("forward"):
-                for h, kw, o in zip(hiddens, kwargs_list, attn_out):
-                    o.copy_(attention(h, kw))
-        if any(n in ranks for n in stages[1].linears):
+                for i, (h, kw, o) in enumerate(zip(hiddens, kwargs_list, attn_out)):
+                    o.copy_(attention(block, h, kw))
+                    if anchoring:
+                        dense_attn = dense.get_submodule(a.attention)
+                        with _as_identity(dense_attn, a.out_proj) as dense_o:
+                            od = attention(dense, dense_hiddens[i], kw)
+                        if cross is not None:
+                            cross.update(_rows(od, token_masks[i]), _rows(o, token_masks[i]))
+                        dense_hiddens[i].add_(dense_o(od))
+        if need_o:
             self._factorize_input_stage(block, prefix, stages[1].linears, ranks,
-                                        self._gram(attn_out, token_masks, _inputs_label(prefix, stages[1].linears)))
+                                        self._gram(attn_out, token_masks, _inputs_label(prefix, stages[1].linears)),
+                                        cross)
+        del cross
         out_proj = attn.get_submodule(a.out_proj)   # compressed now
         with self.timer("forward"):
             for h, o in zip(hiddens, attn_out):
@@ -224,9 +278,10 @@ class BlockCompressor:
 
         # 3. gate/up from the MLP input.
         if any(n in ranks for n in stages[2].linears):
-            self._factorize_input_stage(block, prefix, stages[2].linears, ranks,
-                                        self._normed_input_gram(norm2, hiddens, token_masks,
-                                                                _inputs_label(prefix, stages[2].linears)))
+            acc, cross = self._normed_input_stats(norm2, hiddens, dense_hiddens, token_masks,
+                                                  _inputs_label(prefix, stages[2].linears))
+            self._factorize_input_stage(block, prefix, stages[2].linears, ranks, acc, cross)
+            del acc, cross
 
         # 4. down_proj from the MLP hidden activations (gate/up compressed).
         (down_name,) = stages[3].linears
@@ -234,9 +289,11 @@ class BlockCompressor:
         if down_name in ranks:
             down = block.get_submodule(down_name)
             output_route = down.in_features > down.out_features
-            acc = self.comm.gram_accumulator(down.out_features if output_route else down.in_features,
-                                          f"{'outputs' if output_route else 'inputs'} of {prefix}{down_name}")
+            width = down.out_features if output_route else down.in_features
+            acc = self.comm.gram_accumulator(width, f"{'outputs' if output_route else 'inputs'} of {prefix}{down_name}")
+            cross = kernels.CrossGramAccumulator(width, width, acc.label) if anchoring else None
             dense_outputs = self._scratch_batches(hiddens, down.out_features) if output_route else None
+            dense_mlp = dense.get_submodule(a.mlp) if anchoring else None
             with _as_identity(mlp, a.down_proj):
                 for i, (h, m) in enumerate(zip(hiddens, token_masks)):
                     with self.timer("forward"):
@@ -245,29 +302,68 @@ class BlockCompressor:
                             act = down(act)                   # y = W x + b, kept
                             dense_outputs[i].copy_(act)
                         act = _rows(act, m)
+                        if anchoring:
+                            hd = dense_hiddens[i]
+                            with _as_identity(dense_mlp, a.down_proj) as dense_down:
+                                act_d = dense_mlp(norm2(hd.float()))
+                            y_d = dense_down(act_d)
+                            hd.add_(y_d)
+                            act_d = _rows(y_d if output_route else act_d, m)
                     with self.timer("statistics"):
                         acc.update(act)
+                        if cross is not None:
+                            cross.update(act_d, act)
             with self.timer("factorize"):
                 bias = None if down.bias is None else down.bias.detach().numpy()
                 if output_route:
-                    f = kernels.factorize_output_gram(down.weight.detach().numpy(), acc, ranks[down_name],
-                                                      centered=self.options.centered, bias=bias,
-                                                      method=self.options.eigen_method)
+                    if cross is not None:
+                        if bias is not None:
+                            raise ValueError(f"{prefix}{down_name}: anchored targets on the output route "
+                                             "need a layer without bias")
+                        # Regress the dense outputs on the compressed ones in the output space:
+                        # ROM of the map M (d_out x d_out) on y_c, then W2 = (V M) W.
+                        m_eff, _ = kernels.anchored_target(kernels.anchor_correction(acc, cross, ridge=self.options.ridge),
+                                                           np.eye(width), self.options.anchor)
+                        factor = kernels.input_factor(acc)
+                        del cross
+                        fm = kernels.factorize(m_eff, factor, ranks[down_name], method=self.options.eigen_method)
+                        w = down.weight.detach().numpy()
+                        f = _cast_factors(kernels.Factorization(fm.w1, fm.w2 @ w.astype(np.float64), None, None,
+                                                                fm.eigenvalues, fm.total_energy, fm.eigen_seconds),
+                                          down.weight.dtype)
+                    else:
+                        f = kernels.factorize_output_gram(down.weight.detach().numpy(), acc, ranks[down_name],
+                                                          centered=self.options.centered, bias=bias,
+                                                          method=self.options.eigen_method)
                 else:
+                    weight = down.weight.detach().numpy()
+                    if cross is not None:
+                        weight, bias = kernels.anchored_target(
+                            kernels.anchor_correction(acc, cross, ridge=self.options.ridge, with_bias=bias is not None),
+                            weight, self.options.anchor, bias=bias)
+                        del cross
                     factor = kernels.input_factor(acc, centered=self.options.centered,
                                                   with_bias=bias is not None and not self.options.centered)
-                    f = kernels.factorize(down.weight.detach().numpy(), factor, ranks[down_name],
+                    f = kernels.factorize(weight, factor, ranks[down_name],
                                           centered=self.options.centered, bias=bias,
                                           method=self.options.eigen_method)
+                    f = _cast_factors(f, down.weight.dtype)
                 self._replace(block, prefix, down_name, down, f,
-                              "output-gram" if output_route else "input-gram")
+                              ("output-gram" if output_route else "input-gram") + ("+anchored" if anchoring else ""))
+        elif anchoring:
+            with self.timer("forward"):
+                dense_mlp = dense.get_submodule(a.mlp)
+                for hd in dense_hiddens:
+                    hd.add_(dense_mlp(norm2(hd.float())))
+        del dense
 
         # The block's outputs with every layer compressed: the next block's inputs.
         with self.timer("forward"):
             if dense_outputs is not None:
                 # W1 (W2 x + b2) + b1 = V^T V y + c with y = W x + b and W1 = V^T, W2 = V W, so
-                # c = b1 + W1 (b2 - V b): no second pass through gate/up.
+                # c = b1 + W1 (b2 - V b): no second pass through gate/up. Anchored: W1 W2 x = V M y.
                 w1 = torch.as_tensor(f.w1).float()
+                w_left = w1 if not anchoring else torch.as_tensor(fm.w2).float().T
                 const = torch.zeros(w1.shape[0], dtype=torch.float64)
                 if f.b1 is not None:
                     const += torch.as_tensor(f.b1, dtype=torch.float64)
@@ -278,12 +374,19 @@ class BlockCompressor:
                     shift -= torch.as_tensor(f.w1, dtype=torch.float64).T @ torch.as_tensor(bias, dtype=torch.float64)
                 const = (const + torch.as_tensor(f.w1, dtype=torch.float64) @ shift).to(w1.dtype)
                 for h, y in zip(hiddens, dense_outputs):
-                    h.add_((y.float() @ w1) @ w1.T + const)
+                    h.add_((y.float() @ w_left) @ w1.T + const)
                 del dense_outputs
             else:
                 for h in hiddens:
                     h.add_(mlp(norm2(h.float())))
         return hiddens
+
+
+def _cast_factors(f: kernels.Factorization, dtype: torch.dtype) -> kernels.Factorization:
+    """Factors of an anchored (float64) target back in the layer's own dtype."""
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    cast = lambda a: None if a is None else a.astype(np_dtype, copy=False)  # noqa: E731
+    return dataclasses.replace(f, w1=cast(f.w1), w2=cast(f.w2), b1=cast(f.b1), b2=cast(f.b2))
 
 
 def compress_blocks(source: BlockSource, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -324,9 +427,18 @@ def compress_blocks(source: BlockSource, input_ids: torch.Tensor, attention_mask
     with timer("capture"):
         buffer, kwargs_list = capture_block_inputs(source, input_ids, attention_mask,
                                                    options.batch_size, options.activation_dtype)
+        if options.anchor:
+            # Anchored targets follow the dense model's hidden states beside the compressed
+            # ones: one buffer [compressed, dense], saved and resumed as one tensor.
+            both = buffer.new_empty((2,) + tuple(buffer.shape))
+            both[0].copy_(buffer)
+            both[1].copy_(buffer)
+            buffer = both
+            del both
         if start_hidden is not None:
             start_hidden(buffer)
-    hiddens = list(buffer.split(options.batch_size))
+    dense_hiddens = list(buffer[1].split(options.batch_size)) if options.anchor else None
+    hiddens = list((buffer[0] if options.anchor else buffer).split(options.batch_size))
     token_masks = [m.bool() for m in attention_mask.split(options.batch_size)]
     compressor = BlockCompressor(adapter, options, report, timer, comm)
     for i in range(start_block, last_needed + 1):
@@ -334,7 +446,7 @@ def compress_blocks(source: BlockSource, input_ids: torch.Tensor, attention_mask
             block = source.load_block(i)
         prefix = adapter.block_prefix(i)
         block_ranks = {n[len(prefix):]: r for n, r in ranks.items() if block_of[n] == i}
-        compressor.compress(block, prefix, hiddens, kwargs_list, token_masks, block_ranks)
+        compressor.compress(block, prefix, hiddens, kwargs_list, token_masks, block_ranks, dense_hiddens)
         if block_done:
             with timer("write"):
                 block_done(i, block, buffer)

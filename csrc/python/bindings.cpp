@@ -342,4 +342,126 @@ PYBIND11_MODULE(_core, m) {
         return y;
       },
       py::arg("x"), py::arg("w1"), py::arg("w2"), py::arg("b1") = py::none());
+
+  // -- dense-anchored targets (rom_fast/anchor.hpp) ---------------------------------------
+  py::class_<rom_fast::CrossGramAccumulator>(m, "CrossGramAccumulator")
+      .def(py::init<index_t, index_t>(), py::arg("dim_dense"), py::arg("dim_comp"))
+      .def(
+          "update",
+          [](rom_fast::CrossGramAccumulator& self, const py::object& xdo, const py::object& xco) {
+            py::array xd = checked(xdo, "x_dense", 2, Want::Either);
+            py::array xc = checked(xco, "x_comp", 2, Want::Either);
+            if (xd.shape(1) != self.dim_dense() || xc.shape(1) != self.dim_comp()) {
+              throw py::value_error("x_dense and x_comp must have " +
+                                    std::to_string(self.dim_dense()) + " and " +
+                                    std::to_string(self.dim_comp()) + " columns, got " +
+                                    std::to_string(xd.shape(1)) + " and " +
+                                    std::to_string(xc.shape(1)));
+            }
+            if (xd.shape(0) != xc.shape(0)) {
+              throw py::value_error("x_dense and x_comp must have the same rows (tokens), got " +
+                                    std::to_string(xd.shape(0)) + " and " +
+                                    std::to_string(xc.shape(0)));
+            }
+            if (is_f32(xd) != is_f32(xc)) {
+              throw py::type_error("x_dense and x_comp must have the same dtype");
+            }
+            const index_t n = xd.shape(0);
+            py::gil_scoped_release release;
+            if (is_f32(xd)) {
+              self.update(static_cast<const float*>(xd.data()), static_cast<const float*>(xc.data()), n);
+            } else {
+              self.update(static_cast<const double*>(xd.data()), static_cast<const double*>(xc.data()), n);
+            }
+          },
+          py::arg("x_dense"), py::arg("x_comp"))
+      .def(
+          "merge",
+          [](rom_fast::CrossGramAccumulator& self, const rom_fast::CrossGramAccumulator& other) {
+            py::gil_scoped_release release;
+            self.merge(other);
+          },
+          py::arg("other"))
+      .def_property_readonly("dim_dense", &rom_fast::CrossGramAccumulator::dim_dense)
+      .def_property_readonly("dim_comp", &rom_fast::CrossGramAccumulator::dim_comp)
+      .def_property_readonly("count", &rom_fast::CrossGramAccumulator::count)
+      .def_property_readonly("cross",
+                             [](const rom_fast::CrossGramAccumulator& self) {
+                               py::array_t<double> out({self.dim_dense(), self.dim_comp()});
+                               double* p = out.mutable_data();
+                               py::gil_scoped_release release;
+                               self.cross(p);
+                               return out;
+                             })
+      .def_property_readonly("dense_column_sum", [](const rom_fast::CrossGramAccumulator& self) {
+        return to_numpy(self.dense_column_sum(), {self.dim_dense()});
+      });
+
+  py::class_<rom_fast::AnchorCorrection>(m, "AnchorCorrection")
+      .def(py::init([](const py::object& go, const py::object& so, const py::object& co,
+                       const py::object& sdo, double count, double ridge, bool with_bias) {
+             py::array g = checked(go, "gram", 2, Want::F64);
+             py::array c = checked(co, "cross", 2, Want::F64);
+             const index_t d = g.shape(0);
+             if (g.shape(1) != d || c.shape(0) != d || c.shape(1) != d) {
+               throw py::value_error("gram and cross must both be d x d, got " +
+                                     std::to_string(g.shape(0)) + " x " + std::to_string(g.shape(1)) +
+                                     " and " + std::to_string(c.shape(0)) + " x " +
+                                     std::to_string(c.shape(1)));
+             }
+             py::array ks, kd;
+             const void* s = optional_vector(so, "comp_sum", d, Want::F64, ks);
+             const void* sd = optional_vector(sdo, "dense_sum", d, Want::F64, kd);
+             if (with_bias && (s == nullptr || sd == nullptr)) {
+               throw py::value_error("with_bias needs comp_sum and dense_sum");
+             }
+             py::gil_scoped_release release;
+             return new rom_fast::AnchorCorrection(
+                 d, static_cast<const double*>(g.data()), static_cast<const double*>(s),
+                 static_cast<const double*>(c.data()), static_cast<const double*>(sd), count, ridge,
+                 with_bias);
+           }),
+           py::arg("gram"), py::arg("comp_sum"), py::arg("cross"), py::arg("dense_sum"),
+           py::arg("count"), py::arg("ridge"), py::arg("with_bias") = false)
+      .def_property_readonly("dim", &rom_fast::AnchorCorrection::dim)
+      .def_property_readonly("with_bias", &rom_fast::AnchorCorrection::with_bias)
+      .def_property_readonly("ridge_lambda", &rom_fast::AnchorCorrection::lambda)
+      .def(
+          "apply",
+          [](const rom_fast::AnchorCorrection& self, const py::object& wo, const py::object& bo,
+             double alpha) {
+            py::array w = checked(wo, "weight", 2, Want::Either);
+            if (w.shape(1) != self.dim()) {
+              throw py::value_error("weight must have " + std::to_string(self.dim()) +
+                                    " columns (the statistics' dim), got " + std::to_string(w.shape(1)));
+            }
+            const index_t d_out = w.shape(0);
+            if (d_out < 1) throw py::value_error("weight must have at least one row");
+            py::array keep;
+            const void* b = optional_vector(bo, "bias", d_out, is_f32(w) ? Want::F32 : Want::F64, keep);
+            if (b != nullptr && !self.with_bias()) {
+              throw py::value_error("a bias needs an AnchorCorrection built with with_bias=True");
+            }
+            py::array_t<double> w_eff({d_out, self.dim()});
+            py::object b_out = py::none();
+            double* bp = nullptr;
+            if (self.with_bias()) {
+              py::array_t<double> bb(d_out);
+              bp = bb.mutable_data();
+              b_out = bb;
+            }
+            double* wp = w_eff.mutable_data();
+            {
+              py::gil_scoped_release release;
+              if (is_f32(w)) {
+                self.apply(static_cast<const float*>(w.data()), d_out, static_cast<const float*>(b),
+                           alpha, wp, bp);
+              } else {
+                self.apply(static_cast<const double*>(w.data()), d_out, static_cast<const double*>(b),
+                           alpha, wp, bp);
+              }
+            }
+            return py::make_tuple(w_eff, b_out);
+          },
+          py::arg("weight"), py::arg("bias"), py::arg("alpha"));
 }

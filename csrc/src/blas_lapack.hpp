@@ -59,6 +59,8 @@ inline blas_int lwork_from(double query, const char* routine) {
 #define dstedc_f ROM_FAST_F77(dstedc)
 #define dormtr_f ROM_FAST_F77(dormtr)
 #define dpstrf_f ROM_FAST_F77(dpstrf)
+#define dpotrf_f ROM_FAST_F77(dpotrf)
+#define dpotrs_f ROM_FAST_F77(dpotrs)
 
 extern "C" {
 using rom_fast::detail::blas_int;
@@ -103,4 +105,8 @@ void dormtr_f(const char* side, const char* uplo, const char* trans, const blas_
               fortran_len, fortran_len, fortran_len);
 void dpstrf_f(const char* uplo, const blas_int* n, double* a, const blas_int* lda, blas_int* piv,
               blas_int* rank, const double* tol, double* work, blas_int* info, fortran_len);
+void dpotrf_f(const char* uplo, const blas_int* n, double* a, const blas_int* lda, blas_int* info,
+              fortran_len);
+void dpotrs_f(const char* uplo, const blas_int* n, const blas_int* nrhs, const double* a,
+              const blas_int* lda, double* b, const blas_int* ldb, blas_int* info, fortran_len);
 }

@@ -1,6 +1,7 @@
 // Umbrella header of the rom_fast core (C++17, no Python).
 #pragma once
 
+#include "rom_fast/anchor.hpp"
 #include "rom_fast/common.hpp"
 #include "rom_fast/eigen.hpp"
 #include "rom_fast/factorize.hpp"
