@@ -55,6 +55,11 @@ def make_inputs(root: Path, tokenizer) -> dict:
     def broken_config(d):
         (d / "config.json").write_text("{ not json")
 
+    def huge(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["hidden_size"] = 10 ** 12                      # 4 TB per embedding row, never allocated
+        (d / "config.json").write_text(json.dumps(cfg))
+
     def traversal(d):
         (d / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "../../etc/passwd"}}))
@@ -68,7 +73,8 @@ def make_inputs(root: Path, tokenizer) -> dict:
     return {"good": good, "text": text, "root": root, "home": home,
             "truncated": variant("truncated", truncate), "header": variant("header", header_lies),
             "pickle": variant("pickle", pickle_only), "gpt2": variant("gpt2", gpt2),
-            "config": variant("config", broken_config), "traversal": variant("traversal", traversal)}
+            "config": variant("config", broken_config), "traversal": variant("traversal", traversal),
+            "huge": variant("huge", huge)}
 
 
 # (what a user does, argv built from the paths above, a fragment of the one-line error)
@@ -79,6 +85,7 @@ CASES = [
     ("only a pickle checkpoint (pytorch_model.bin)", lambda p: ["compress", str(p["pickle"])], "safetensors"),
     ("unsupported architecture (gpt2)", lambda p: ["compress", str(p["gpt2"])], "unsupported architecture"),
     ("config.json is not JSON", lambda p: ["compress", str(p["config"])], "config.json"),
+    ("config.json asks for hidden_size 10^12", lambda p: ["compress", str(p["huge"])], "hidden_size"),
     ("index points outside the model directory", lambda p: ["compress", str(p["traversal"])], "outside"),
     ("--budget 1.5", lambda p: ["compress", str(p["good"]), "--budget", "1.5"], "budget"),
     ("--budget -0.2", lambda p: ["compress", str(p["good"]), "--budget", "-0.2"], "budget"),

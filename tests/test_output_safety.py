@@ -149,3 +149,30 @@ def test_the_in_memory_path_refuses_an_existing_out_before_any_work(tmp_path, mo
         rom_fast.compress(model, out=tmp_path / "out", **kw())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_objects_compute_in_float32_and_save_their_own_dtype(tmp_path, dtype):
+    from safetensors import safe_open
+    reference = rom_fast.compress(tiny_model(), **kw()).model                   # float32 throughout
+    half = tiny_model().to(dtype)
+    result = rom_fast.compress(half, out=tmp_path / "out", **kw())
+    assert {p.dtype for p in result.model.parameters()} == {dtype}              # kept in its precision
+    stored = set()
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            stored |= {st.get_tensor(k).dtype for k in st.keys()}
+    assert stored == {dtype}
+    assert json_dtype(tmp_path / "out") in (str(dtype).split(".")[1], None)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 12))
+    with torch.no_grad():
+        a = rom_fast.load(tmp_path / "out")(ids).logits
+        b = reference(ids).logits
+    # Same factors up to the half-precision rounding of the weights (float32 arithmetic).
+    assert torch.isfinite(a).all() and (a - b).abs().max() < 0.05 * b.abs().max()
+
+
+def json_dtype(directory: Path):
+    import json
+    cfg = json.loads((directory / "config.json").read_text())
+    return cfg.get("dtype", cfg.get("torch_dtype"))

@@ -157,3 +157,8 @@ def test_nothing_unpickles_or_runs_remote_code():
     hits = [f"{p.name}:{i}" for p in root.rglob("*.py")
             for i, line in enumerate(p.read_text().splitlines(), 1) if bad.search(line)]
     assert hits == []
+
+
+def test_the_error_type_is_public_and_a_value_error():
+    assert rom_fast.CheckpointError is CheckpointError and issubclass(CheckpointError, ValueError)
+    assert issubclass(rom_fast.LapackError, RuntimeError)
