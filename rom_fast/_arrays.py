@@ -26,7 +26,7 @@ def as_array(x, name: str):
             raise TypeError(
                 f"{name} must have dtype float32 or float64, got {x.dtype} (convert it explicitly)"
             )
-        return x.detach().numpy()
+        return x.detach().resolve_neg().numpy()   # a negative-bit view has no numpy view: copied
     raise TypeError(f"{name} must be a numpy array or torch CPU tensor, got {type(x).__name__}")
 
 

@@ -418,3 +418,9 @@ def test_absurd_accumulator_sizes_are_refused_without_allocating():
             kernels.GramAccumulator(dim)
     with pytest.raises(TypeError):
         kernels.GramAccumulator(2**64)
+
+
+def test_tensors_with_lazy_negation_are_read_as_their_values():
+    sym = torch.eye(3, dtype=torch.float64) * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    negated = torch._neg_view(sym)            # what some torch ops return: a negative-bit view
+    np.testing.assert_allclose(rom_fast.eigenvalues(negated), [-1.0, -2.0, -3.0])
