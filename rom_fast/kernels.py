@@ -7,6 +7,8 @@ Native work runs with the GIL released.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
@@ -38,16 +40,50 @@ class GramAccumulator(_core.GramAccumulator):
                  block_rows: int = _core.GramAccumulator.DEFAULT_BLOCK_ROWS):
         super().__init__(dim, precision, block_rows)
         self.label = label    # what the rows are, e.g. "outputs of model.layers.5.mlp.down_proj"
+        # The core releases the GIL and one accumulator is not safe to update from two threads
+        # at once: calls on one object from several Python threads are serialized here.
+        self._lock = threading.RLock()
 
     def update(self, x) -> None:
-        try:
-            super().update(as_array(x, "x"))
-        except ValueError as exc:
-            if not self.label or "non-finite" not in str(exc):
-                raise
-            # Name the layer, not just a row of one chunk: which block overflowed is the clue.
-            raise ValueError(f"{self.label}: {exc} (the activations overflowed or the weights hold "
-                             "NaN/Inf; with float16 activations try bfloat16 or float32)") from None
+        with self._lock:
+            try:
+                super().update(as_array(x, "x"))
+            except ValueError as exc:
+                if not self.label or "non-finite" not in str(exc):
+                    raise
+                # Name the layer, not just a row of one chunk: which block overflowed is the clue.
+                raise ValueError(f"{self.label}: {exc} (the activations overflowed or the weights hold "
+                                 "NaN/Inf; with float16 activations try bfloat16 or float32)") from None
+
+    def merge(self, other) -> None:
+        locks = sorted({id(self): self._lock, id(other): getattr(other, "_lock", self._lock)}.items())
+        with contextlib.ExitStack() as stack:        # both objects, in one global order: no deadlock
+            for _, lock in locks:
+                stack.enter_context(lock)
+            super().merge(other)
+
+    def reset(self) -> None:
+        with self._lock:
+            super().reset()
+
+    def centered_gram(self) -> np.ndarray:
+        with self._lock:
+            return super().centered_gram()
+
+    @property
+    def gram(self) -> np.ndarray:
+        with self._lock:
+            return _core.GramAccumulator.gram.__get__(self)
+
+    @property
+    def column_sum(self) -> np.ndarray:
+        with self._lock:
+            return _core.GramAccumulator.column_sum.__get__(self)
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return _core.GramAccumulator.count.__get__(self)
 
 
 def top_eigenpairs(sym, r: int, method: str = "auto"):
