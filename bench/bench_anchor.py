@@ -7,7 +7,7 @@ SmolLM2-135M in the FINDINGS setup (calibration: the first 128 windows of 128 to
 local Wikipedia text). Every row compresses a fresh copy of the dense model with the same
 tokens and the same ranks (the planner's, or a last-k recipe), and scores perplexity on the
 tuning text (WikiText-2 test, first 40 × 512 tokens) and on held-out text never tuned on:
-WikiText-2 validation, the C4 sample and Tiny Shakespeare (first 40 × 512 tokens each).
+WikiText-2 validation, the C4 sample and Tiny Shakespeare (first 16 × 512 tokens each).
 Writes bench/results/anchor_<ratio><tag>.json and prints a markdown table.
 """
 
@@ -32,7 +32,8 @@ def main() -> None:
     p.add_argument("--plan", default="planner",
                    help="'planner', 'last-K', or 'saved' (the fisher planner row of bench/results/planner_<ratio>.json)")
     p.add_argument("--n-samples", type=int, default=128)
-    p.add_argument("--windows", type=int, default=40)
+    p.add_argument("--windows", type=int, default=40, help="512-token windows of WikiText-2 test (FINDINGS: 40)")
+    p.add_argument("--heldout-windows", type=int, default=16, help="512-token windows of each held-out text")
     p.add_argument("--corpora", nargs="+", default=list(CORPORA))
     p.add_argument("--tag", default="")
     a = p.parse_args()
@@ -77,7 +78,8 @@ def main() -> None:
                               anchor=float(anchor), ridge=ridge)
             seconds = time.perf_counter() - t0
             ppl = {c: wikitext2_perplexity(model, tok, path=os.path.join(data, CORPORA[c]), window=512,
-                                           max_windows=a.windows)["perplexity"] for c in a.corpora}
+                                           max_windows=a.windows if c == "wikitext2-test" else a.heldout_windows,
+                                           batch_size=4)["perplexity"] for c in a.corpora}
             rows.append({"anchor": float(anchor), "ridge": ridge, "perplexity": ppl, "compress_seconds": seconds})
             print(f"| {anchor} | {ridge:g} | " + " | ".join(f"{ppl[c]:.2f}" for c in a.corpora)
                   + f" | {seconds:.1f} |", flush=True)

@@ -354,7 +354,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
         if output is not None:
             kept = plan.details.get("kept_params", shape.total_params) if not merge else shape.total_params
             hidden_bytes = input_ids.numel() * source.config.hidden_size * \
-                torch.empty(0, dtype=options.activation_dtype).element_size()
+                torch.empty(0, dtype=options.activation_dtype).element_size() * (2 if options.anchor else 1)
             weight_bytes = source.param_count * torch.empty(0, dtype=source.storage_dtype).element_size()
             needed = int(weight_bytes * kept / shape.total_params) + 2 * hidden_bytes
             output.state = comm.from_root(lambda: output.start(plan.to_json(), input_ids, attention_mask, description,

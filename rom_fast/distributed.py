@@ -94,6 +94,10 @@ class Communicator:
         sums over every process's tokens when read."""
         return kernels.GramAccumulator(dim, label)
 
+    def cross_accumulator(self, dim_dense: int, dim_comp: int, label: str = "") -> kernels.CrossGramAccumulator:
+        """The dense-anchored cross moment of a stage, summed over every process's tokens when read."""
+        return kernels.CrossGramAccumulator(dim_dense, dim_comp, label)
+
     def all_reduce(self, array: np.ndarray, kind: str) -> np.ndarray:
         """Sums a float64 array over the processes, in place; returns it."""
         return array
@@ -160,6 +164,9 @@ class ProcessGroupCommunicator(Communicator):
 
     def gram_accumulator(self, dim: int, label: str = "") -> kernels.GramAccumulator:
         return ReducedGramAccumulator(dim, label, self)
+
+    def cross_accumulator(self, dim_dense: int, dim_comp: int, label: str = "") -> kernels.CrossGramAccumulator:
+        return ReducedCrossGramAccumulator(dim_dense, dim_comp, label, self)
 
     def all_reduce(self, array: np.ndarray, kind: str) -> np.ndarray:
         if array.dtype != np.float64 or not array.flags.c_contiguous:
@@ -252,6 +259,44 @@ class ReducedGramAccumulator(kernels.GramAccumulator):
     def centered_gram(self) -> np.ndarray:
         gram, colsum, count = self._state()
         return gram - np.outer(colsum, colsum) / max(count, 1)
+
+
+class ReducedCrossGramAccumulator(kernels.CrossGramAccumulator):
+    """A CrossGramAccumulator whose ``cross``, ``dense_column_sum`` and ``count`` are sums over
+    every process, all-reduced on first read like :class:`ReducedGramAccumulator`."""
+
+    def __init__(self, dim_dense: int, dim_comp: int, label: str, comm: Communicator):
+        super().__init__(dim_dense, dim_comp, label)
+        self._comm = comm
+        self._reduced: Optional[tuple] = None
+
+    def update(self, x_dense, x_comp) -> None:
+        if self._reduced is not None:
+            raise RuntimeError(f"{self.label}: updated after its statistics were all-reduced")
+        super().update(x_dense, x_comp)
+
+    def merge(self, other) -> None:
+        raise NotImplementedError("a reduced accumulator holds every process's sums already")
+
+    def _state(self) -> tuple:
+        if self._reduced is None:
+            kind = _kind(self.label) + " (anchor)"
+            cross = self._comm.all_reduce(super().cross, kind)
+            tail = self._comm.all_reduce(np.append(super().dense_column_sum, float(super().count)), kind)
+            self._reduced = (cross, tail[:-1].copy(), int(round(tail[-1])))
+        return self._reduced
+
+    @property
+    def cross(self) -> np.ndarray:
+        return self._state()[0]
+
+    @property
+    def dense_column_sum(self) -> np.ndarray:
+        return self._state()[1]
+
+    @property
+    def count(self) -> int:
+        return self._state()[2]
 
 
 def _timeout_s() -> float:

@@ -201,7 +201,7 @@ class BlockCompressor:
         """Gram of norm(h) over the real tokens (the input shared by q/k/v, or by gate/up) and,
         when anchoring, the cross moment of the dense path's norm(h_d) with it."""
         acc = self.comm.gram_accumulator(hiddens[0].shape[-1], label)
-        cross = kernels.CrossGramAccumulator(acc.dim, acc.dim, label) if dense_hiddens is not None else None
+        cross = self.comm.cross_accumulator(acc.dim, acc.dim, label) if dense_hiddens is not None else None
         for i, (h, m) in enumerate(zip(hiddens, token_masks)):
             with self.timer("forward"):
                 x = _rows(norm(h.float()), m)
@@ -244,7 +244,7 @@ class BlockCompressor:
         out_proj = attn.get_submodule(a.out_proj)
         attn_out = self._scratch_batches(hiddens, out_proj.in_features)
         need_o = any(n in ranks for n in stages[1].linears)
-        cross = kernels.CrossGramAccumulator(out_proj.in_features, out_proj.in_features,
+        cross = self.comm.cross_accumulator(out_proj.in_features, out_proj.in_features,
                                              _inputs_label(prefix, stages[1].linears)) if anchoring and need_o else None
         with _as_identity(attn, a.out_proj):
             with self.timer("forward"):
@@ -291,7 +291,7 @@ class BlockCompressor:
             output_route = down.in_features > down.out_features
             width = down.out_features if output_route else down.in_features
             acc = self.comm.gram_accumulator(width, f"{'outputs' if output_route else 'inputs'} of {prefix}{down_name}")
-            cross = kernels.CrossGramAccumulator(width, width, acc.label) if anchoring else None
+            cross = self.comm.cross_accumulator(width, width, acc.label) if anchoring else None
             dense_outputs = self._scratch_batches(hiddens, down.out_features) if output_route else None
             dense_mlp = dense.get_submodule(a.mlp) if anchoring else None
             with _as_identity(mlp, a.down_proj):

@@ -195,3 +195,48 @@ def test_anchor_options_are_checked():
     with pytest.raises(ValueError, match="centered"):
         rom_fast.compress(_tiny(), calibration=torch.randint(0, 300, (8, 16)), budget=0.8, anchor=1,
                           centered=True)
+
+
+def test_anchored_streamed_run_matches_in_memory_and_resumes_bitwise(tmp_path, monkeypatch):
+    """A directory compressed with anchored targets gives the in-memory result; interrupted
+    after block 1 and rerun, it continues from the saved [compressed, dense] hidden states and
+    writes the tensors of an uninterrupted run."""
+    import rom_fast
+    from rom_fast.output import ResumableOutput
+    from safetensors import safe_open
+    model = _tiny()
+    src = tmp_path / "dense"
+    model.save_pretrained(src, max_shard_size="60KB")
+    ids = torch.randint(0, 300, (24, 24), generator=torch.Generator().manual_seed(2))
+    kw = dict(calibration=ids, n_samples=24, seq_len=24, budget=0.6, planner_samples=12, progress=False,
+              anchor=2.0)
+    in_memory = rom_fast.compress(copy.deepcopy(model), **kw)
+    whole = rom_fast.compress(str(src), out=tmp_path / "whole", **kw)
+    assert whole.plan.ranks == in_memory.plan.ranks
+    probe = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(whole.model(probe).logits, in_memory.model(probe).logits, atol=1e-5, rtol=1e-5)
+
+    commit = ResumableOutput.commit_block
+
+    def commit_then_fail(self, i, *a, **k):
+        commit(self, i, *a, **k)
+        if i == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(ResumableOutput, "commit_block", commit_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        rom_fast.compress(str(src), out=tmp_path / "rom", **kw)
+    monkeypatch.setattr(ResumableOutput, "commit_block", commit)
+    with pytest.raises(ValueError, match="different command"):
+        rom_fast.compress(str(src), out=tmp_path / "rom", **dict(kw, anchor=1.0))
+    resumed = rom_fast.compress(str(src), out=tmp_path / "rom", **kw)
+    assert resumed.summary["resumed_from_block"] == 2
+
+    def tensors(d):
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                out.update({k: st.get_tensor(k) for k in st.keys()})
+        return out
+    a, b = tensors(tmp_path / "rom"), tensors(tmp_path / "whole")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
