@@ -18,9 +18,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import rom_fast
 from rom_fast.distributed import Communicator
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
+sys.path.insert(0, str(WORKER.parent))
+from distributed_worker import calibration, tiny_model  # noqa: E402
 TIMEOUT_S = 150
 
 
@@ -91,64 +94,66 @@ def test_sharding_deals_whole_micro_batches_round_robin():
         c.shard_rows(5, 3)
 
 
-def test_two_processes_match_one_process(tmp_path):
-    args = dict(model="tiny", budget=0.6, planner_samples=24, planner_grad_samples=8, batch_size=4)
-    launch(1, dict(args, dump=str(tmp_path / "one"), out=str(tmp_path / "out1")))
-    launch(2, dict(args, dump=str(tmp_path / "two"), out=str(tmp_path / "out2")))
-    one = json.loads((tmp_path / "one" / "result.json").read_text())
-    two = json.loads((tmp_path / "two" / "result.json").read_text())
-    assert two["ranks"] == one["ranks"] and len(one["ranks"]) > 4     # the planner's ranks
-    assert two["summary"]["params_after"] == one["summary"]["params_after"]
+ARGS = dict(budget=0.6, planner_samples=24, planner_grad_samples=8, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """A streamed tiny LLaMA compressed by 2 processes (every process reads the directory)."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    tiny_model().save_pretrained(tmp / "dense", max_shard_size="60KB")
+    launch(2, dict(ARGS, model=str(tmp / "dense"), dump=str(tmp / "two"), out=str(tmp / "two-out")))
+    return tmp
+
+
+def saved(directory: Path) -> dict:
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(tensors(f))
+    return out
+
+
+def test_two_processes_match_one_process(two_processes, tmp_path):
+    tmp = two_processes
+    one = rom_fast.compress(tiny_model(), calibration=calibration(), n_samples=40, seq_len=24, progress=False,
+                            out=tmp_path / "one-out", **ARGS)
+    two = json.loads((tmp / "two" / "result.json").read_text())
+    assert two["ranks"] == one.plan.ranks and len(one.plan.ranks) > 4     # the planner's ranks
+    assert two["summary"]["params_after"] == one.summary["params_after"]
+    assert two["summary"]["processes"] == 2 and "processes" not in one.summary
     traffic = two["summary"]["traffic"]
-    assert two["summary"]["processes"] == 2 and "processes" not in one["summary"]
     assert traffic["factors"]["bytes"] > 0 and traffic["planner sensitivities"]["calls"] == 1
-    assert any(k.startswith("inputs of self_attn.q_proj") and v["bytes"] >= 64 * 64 * 8 * 4
-               for k, v in traffic.items())    # one Gram per block, all blocks summed
+    # The planner's q/k/v Gram, then column sum and count, in each of the 4 blocks.
+    planner_qkv = traffic["inputs of self_attn.q_proj (planner)"]
+    assert planner_qkv["calls"] == 2 * 4 and planner_qkv["bytes"] == 4 * (64 * 64 + 64 + 1) * 8
 
-    a, b = tensors(tmp_path / "one" / "rank0.safetensors"), tensors(tmp_path / "two" / "rank0.safetensors")
-    dense = tensors(tmp_path / "two" / "rank1.safetensors")
-    # Both processes of the 2-process run hold process 0's model bit for bit.
-    assert all(torch.equal(dense[k], b[k]) for k in b)
-    assert float((a["logits"] - b["logits"]).abs().max()) <= 1e-5 * float(a["logits"].abs().max())
-    assert_close(lowrank_products(b), lowrank_products(a), 1e-5)
-    # What was written is what the processes held.
-    saved = {}
-    for f in sorted((tmp_path / "out2").glob("*.safetensors")):
-        saved.update(tensors(f))
-    assert all(torch.equal(saved[k], b[k]) for k in saved if k in b)
+    test_ids = torch.randint(0, 211, (3, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logits = one.model(test_ids).logits
+    b = tensors(tmp / "two" / "rank0.safetensors")
+    assert float((b["logits"] - logits).abs().max()) <= 1e-5 * float(logits.abs().max())
+    assert_close(lowrank_products(saved(tmp / "two-out")), lowrank_products(saved(tmp_path / "one-out")), 1e-5)
 
 
-def test_a_failed_process_ends_the_job_and_the_rerun_resumes(tmp_path):
-    from transformers import AutoModelForCausalLM  # noqa: F401  (the worker's model, saved for streaming)
-    sys.path.insert(0, str(WORKER.parent))
-    from distributed_worker import tiny_model
-    src = tmp_path / "dense"
-    tiny_model().save_pretrained(src, max_shard_size="60KB")
-    args = dict(model=str(src), budget=0.6, planner_samples=24, planner_grad_samples=8, batch_size=4)
-
-    whole = launch(2, dict(args, dump=str(tmp_path / "whole"), out=str(tmp_path / "whole-out")))
-    assert all(rc == 0 for rc, _ in whole)
-
+def test_a_failed_process_ends_the_job_and_the_rerun_resumes(two_processes, tmp_path):
+    args = dict(ARGS, model=str(two_processes / "dense"))
     out = tmp_path / "rom"
     failed = launch(2, dict(args, dump=str(tmp_path / "x"), out=str(out), crash_after=1), expect_ok=False)
     (rc0, err0), (rc1, err1) = failed
     assert rc1 != 0 and "simulated failure of process 1" in err1
-    assert rc0 != 0 and "rom-fast" not in err0 and "the exchange failed" in err0   # not a hang
+    assert rc0 != 0 and "the exchange failed" in err0        # process 0 stopped too: no hang
     state = json.loads((tmp_path / ".rom.partial" / "rom_fast_state.json").read_text())
     assert state["blocks_done"] == 2 and state["fingerprint"]["processes"] == 2
     assert (tmp_path / ".rom.partial" / "hidden-00002.rank1.safetensors").is_file()
 
-    # The same command on one process is refused (its hidden states are two shards) ...
-    one = launch(1, dict(args, dump=str(tmp_path / "y"), out=str(out)), expect_ok=False)
-    assert one[0][0] != 0 and "different command" in one[0][1] and "processes" in one[0][1]
-    # ... on two it continues after block 1 and writes what the uninterrupted run wrote.
+    # The same command in one process is refused (the saved hidden states are two shards) ...
+    with pytest.raises(ValueError, match="different command.*processes"):
+        rom_fast.compress(str(two_processes / "dense"), calibration=calibration(), n_samples=40, seq_len=24,
+                          progress=False, out=out, **ARGS)
+    # ... in two it continues after block 1 and writes what the uninterrupted run wrote.
     launch(2, dict(args, dump=str(tmp_path / "resumed"), out=str(out)))
     summary = json.loads((tmp_path / "resumed" / "result.json").read_text())["summary"]
     assert summary["resumed_from_block"] == 2
-    a, b = {}, {}
-    for f in sorted(out.glob("*.safetensors")):
-        a.update(tensors(f))
-    for f in sorted((tmp_path / "whole-out").glob("*.safetensors")):
-        b.update(tensors(f))
+    a, b = saved(out), saved(two_processes / "two-out")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
