@@ -29,14 +29,15 @@ class GramAccumulator(_core.GramAccumulator):
 
     ``update(x)`` takes an ``n × dim`` float32/float64 array or tensor; ``merge(other)`` adds
     another accumulator; ``gram``, ``column_sum``, ``count`` and ``centered_gram()`` read it.
-    ``precision`` is how float32 chunks are multiplied: "float32" (default; ``ssyrk`` over
-    blocks of at most ``block_rows`` rows of one chunk, each block added into the float64 Gram:
-    per element ``|error| <= (block_rows·2⁻²⁴ + blocks·2⁻⁵³)·Σ|x_i||x_j|``, about twice as
-    fast) or "float64" (widened exactly, ``dsyrk``). float64 chunks, column sums and the
-    finiteness check are always exact float64.
+    ``precision`` is how float32 chunks are multiplied: "float64" (default; widened exactly,
+    ``dsyrk``) or "float32" (``ssyrk`` over blocks of at most ``block_rows`` rows of one chunk,
+    each block added into the float64 Gram: per element
+    ``|error| <= (block_rows·2⁻²⁴ + blocks·2⁻⁵³)·Σ|x_i||x_j|``; 1.6-2× torch's float32
+    ``X.T @ X`` at d >= 1536, bench/README.md). float64 chunks, column sums and the finiteness
+    check are always exact float64.
     """
 
-    def __init__(self, dim: int, label: str = "", *, precision: str = "float32",
+    def __init__(self, dim: int, label: str = "", *, precision: str = "float64",
                  block_rows: int = _core.GramAccumulator.DEFAULT_BLOCK_ROWS):
         super().__init__(dim, precision, block_rows)
         self.label = label    # what the rows are, e.g. "outputs of model.layers.5.mlp.down_proj"

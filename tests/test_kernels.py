@@ -76,7 +76,7 @@ def test_float32_gram_bound_is_tight_enough_to_catch_float32_accumulation():
     x = np.broadcast_to(v, (n, d)).copy()
     exact = n * np.outer(v.astype(np.float64), v.astype(np.float64))
     tol = (b * U32 + (n // b) * U64) * exact
-    acc = rom_fast.GramAccumulator(d, block_rows=b)
+    acc = rom_fast.GramAccumulator(d, precision="float32", block_rows=b)
     acc.update(x)
     assert np.all(np.abs(acc.gram - exact) <= tol)
     through = (x.T @ x).astype(np.float64)
@@ -142,6 +142,7 @@ def test_gram_accepts_torch_tensors_without_copy_semantics_change():
 
 def test_gram_bad_inputs():
     acc = rom_fast.GramAccumulator(8)
+    assert acc.precision == "float64"     # the default keeps the float64 accuracy contract
     with pytest.raises(ValueError, match="dim"):
         rom_fast.GramAccumulator(0)
     with pytest.raises(ValueError, match="precision must be 'float32' or 'float64'"):

@@ -109,7 +109,7 @@ PYBIND11_MODULE(_core, m) {
                                              : rom_fast::GramPrecision::Float64,
                  block_rows);
            }),
-           py::arg("dim"), py::arg("precision") = "float32",
+           py::arg("dim"), py::arg("precision") = "float64",
            py::arg("block_rows") = rom_fast::GramAccumulator::kDefaultBlockRows)
       .def_property_readonly("precision",
                              [](const rom_fast::GramAccumulator& self) {

@@ -109,6 +109,7 @@ int main() {
   const auto ref = naive_gram(x, n, d);
 
   GramAccumulator whole(d);
+  CHECK(whole.precision() == GramPrecision::Float64);  // the default
   whole.update(x.data(), n);
   CHECK(whole.count() == n);
   CHECK(check::rel_diff(whole.gram(), ref) < 1e-12);
