@@ -89,10 +89,11 @@ class Communicator:
         return items[self.rank::self.size]
 
     # -- reductions ---------------------------------------------------------------------------
-    def gram_accumulator(self, dim: int, label: str = "") -> kernels.GramAccumulator:
-        """The accumulator a statistics stage fills: its Gram, column sum and count are the
-        sums over every process's tokens when read."""
-        return kernels.GramAccumulator(dim, label)
+    def gram_accumulator(self, dim: int, label: str = "", **options) -> kernels.GramAccumulator:
+        """The accumulator a statistics stage fills (``options``: GramAccumulator's, e.g.
+        precision): its Gram, column sum and count are the sums over every process's tokens
+        when read."""
+        return kernels.GramAccumulator(dim, label, **options)
 
     def cross_accumulator(self, dim_dense: int, dim_comp: int, label: str = "") -> kernels.CrossGramAccumulator:
         """The dense-anchored cross moment of a stage, summed over every process's tokens when read."""
@@ -162,8 +163,8 @@ class ProcessGroupCommunicator(Communicator):
         if staged is not tensor:
             tensor.copy_(staged.cpu())
 
-    def gram_accumulator(self, dim: int, label: str = "") -> kernels.GramAccumulator:
-        return ReducedGramAccumulator(dim, label, self)
+    def gram_accumulator(self, dim: int, label: str = "", **options) -> kernels.GramAccumulator:
+        return ReducedGramAccumulator(dim, label, self, **options)
 
     def cross_accumulator(self, dim_dense: int, dim_comp: int, label: str = "") -> kernels.CrossGramAccumulator:
         return ReducedCrossGramAccumulator(dim_dense, dim_comp, label, self)
@@ -220,8 +221,8 @@ class ReducedGramAccumulator(kernels.GramAccumulator):
     the column sum and count) and keeps the result; updating after that is refused. Every
     process must read its accumulators in the same order (they run the same code)."""
 
-    def __init__(self, dim: int, label: str, comm: Communicator):
-        super().__init__(dim, label)
+    def __init__(self, dim: int, label: str, comm: Communicator, **options):
+        super().__init__(dim, label, **options)
         self._comm = comm
         self._reduced: Optional[tuple] = None
 
