@@ -27,7 +27,7 @@ CrossGramAccumulator::CrossGramAccumulator(index_t dim_dense, index_t dim_comp)
   require(dim_dense >= 1 && dim_comp >= 1,
           "CrossGramAccumulator: dims must be >= 1, got " + std::to_string(dim_dense) + " x " +
               std::to_string(dim_comp));
-  cross_.assign(static_cast<std::size_t>(dim_dense * dim_comp), 0.0);
+  cross_.assign(detail::checked_elements(dim_dense, dim_comp, "CrossGramAccumulator"), 0.0);
   dense_sum_.assign(static_cast<std::size_t>(dim_dense), 0.0);
 }
 

@@ -39,7 +39,7 @@ GramAccumulator::GramAccumulator(index_t dim, GramPrecision precision, index_t b
           "GramAccumulator: block_rows must be >= 1, got " + std::to_string(block_rows));
   require(precision == GramPrecision::Float32 || precision == GramPrecision::Float64,
           "GramAccumulator: unknown precision");
-  upper_.assign(static_cast<std::size_t>(dim * dim), 0.0);
+  upper_.assign(detail::checked_elements(dim, dim, "GramAccumulator"), 0.0);
   colsum_.assign(static_cast<std::size_t>(dim), 0.0);
 }
 

@@ -2,10 +2,14 @@
 // loops.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <exception>
+#include <limits>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "rom_fast/common.hpp"
 
@@ -61,6 +65,19 @@ inline void widen_into(const float* src, index_t n, double* dst) {
 
 inline void require(bool ok, const std::string& message) {
   if (!ok) throw std::invalid_argument(message);
+}
+
+/// rows * cols (both >= 1) as a std::vector<double> size, or std::invalid_argument naming
+/// `what` when the product overflows index_t or exceeds what a vector of doubles can hold
+/// (so it cannot wrap into a small allocation followed by out-of-bounds writes).
+inline std::size_t checked_elements(index_t rows, index_t cols, const char* what) {
+  const auto limit = static_cast<index_t>(std::min<std::size_t>(
+      std::vector<double>().max_size(), static_cast<std::size_t>(std::numeric_limits<index_t>::max())));
+  if (rows > limit / cols) {
+    throw std::invalid_argument(std::string(what) + ": " + std::to_string(rows) + " x " +
+                                std::to_string(cols) + " elements do not fit in memory (size overflow)");
+  }
+  return static_cast<std::size_t>(rows * cols);
 }
 
 }  // namespace rom_fast::detail

@@ -2,6 +2,7 @@
 // whole objective lives in tests/test_anchor.py): the cross moment against a naive sum, and
 // the correction against its defining normal equations, without solving them again.
 #include <cmath>
+#include <limits>
 
 #include "check.hpp"
 #include "rom_fast/rom_fast.hpp"
@@ -46,6 +47,11 @@ int main() {
   CHECK(check::throws<std::invalid_argument>([&] { c64.update(bad.data(), xc.data(), 2); }));
   CHECK(c64.count() == n);
   CHECK(check::throws<std::invalid_argument>([&] { rom_fast::CrossGramAccumulator(0, 3); }));
+  // dim_dense * dim_comp past index_t or a vector's capacity: refused, nothing allocated.
+  const index_t huge = std::numeric_limits<index_t>::max();
+  CHECK(check::throws<std::invalid_argument>([&] { rom_fast::CrossGramAccumulator(index_t{1} << 32, index_t{1} << 32); }));
+  CHECK(check::throws<std::invalid_argument>([&] { rom_fast::CrossGramAccumulator(huge, 2); }));
+  CHECK(check::throws<std::invalid_argument>([&] { rom_fast::CrossGramAccumulator(1, huge); }));
 
   rom_fast::GramAccumulator g(d, rom_fast::GramPrecision::Float64);
   g.update(xc.data(), n);

@@ -158,6 +158,11 @@ int main() {
   CHECK(check::rel_diff(whole.gram(), before) == 0.0);
 
   CHECK(check::throws<std::invalid_argument>([] { GramAccumulator z(0); }));
+  // dim * dim past index_t (d > 3037000499) or past a vector's capacity is refused before
+  // anything is allocated, instead of wrapping around (undefined behaviour).
+  CHECK(check::throws<std::invalid_argument>([] { GramAccumulator z(3037000500); }));
+  CHECK(check::throws<std::invalid_argument>([] { GramAccumulator z(index_t{1} << 31); }));
+  CHECK(check::throws<std::invalid_argument>([] { GramAccumulator z(std::numeric_limits<index_t>::max()); }));
   GramAccumulator other(d + 1);
   CHECK(check::throws<std::invalid_argument>([&] { whole.merge(other); }));
   GramAccumulator empty(d);

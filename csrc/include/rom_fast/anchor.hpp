@@ -26,7 +26,8 @@ namespace rom_fast {
 /// Thread safety: as GramAccumulator (one updater at a time; merge() per-producer copies).
 class CrossGramAccumulator {
  public:
-  /// dim_dense, dim_comp >= 1, else std::invalid_argument.
+  /// dim_dense, dim_comp >= 1, else std::invalid_argument; so are dims whose product overflows
+  /// index_t or a vector's capacity.
   CrossGramAccumulator(index_t dim_dense, index_t dim_comp);
 
   /// Adds n row pairs: x_dense (n x dim_dense) and x_comp (n x dim_comp), both row-major.

@@ -40,7 +40,8 @@ class GramAccumulator {
   /// run at its GEMM rate (bench/README.md, "Gram accumulation").
   static constexpr index_t kDefaultBlockRows = 1024;
 
-  /// d >= 1 and block_rows >= 1, else std::invalid_argument. block_rows applies to
+  /// d >= 1 and block_rows >= 1, else std::invalid_argument; so is a d whose d x d Gram
+  /// overflows index_t or a vector's capacity (d > ~1.07e9 with libstdc++). block_rows applies to
   /// GramPrecision::Float32 only. The float32 path holds a d x d float32 scratch (4 d^2 bytes,
   /// allocated at its first use).
   explicit GramAccumulator(index_t dim, GramPrecision precision = GramPrecision::Float64,
