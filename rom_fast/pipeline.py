@@ -34,6 +34,11 @@ from rom_fast.lowrank import from_factors
 from rom_fast.sources import BlockSource, release_freed_memory
 
 
+# Grams at least this wide multiply float32 activations in float32 blocks (ssyrk, accumulated in
+# float64; error <= ~6e-5 of sum|x_i||x_j| per element, measured ~1e-7): 1.56x/1.95x/1.70x
+# torch's float32 X^T X at d = 1536/4096/11008, but 0.62x at 576 (bench/README.md, "Gram").
+FLOAT32_GRAM_MIN_DIM = 1536
+
 # The anchor weight alpha a run uses unless told (bench/README.md, "Dense-anchored targets").
 DEFAULT_ANCHOR = 0.0
 
@@ -54,6 +59,9 @@ class CompressionOptions:
     # alpha (inf: only the dense one), which corrects the drift of the layers before it.
     anchor: float = DEFAULT_ANCHOR
     ridge: float = 1e-3             # of the mean eigenvalue, regularises C_cc^-1 in the anchored fit
+    # "auto": float32 blocks for Grams of at least FLOAT32_GRAM_MIN_DIM columns, exact float64
+    # widening below; or "float32" / "float64" for every Gram.
+    gram_precision: str = "auto"
 
     def __post_init__(self):
         dtype = ACTIVATION_DTYPES.get(self.activation_dtype, self.activation_dtype)
@@ -65,6 +73,8 @@ class CompressionOptions:
             raise ValueError(f"anchor must be >= 0 (0: the paper's objective, inf: the dense outputs), got {self.anchor}")
         if self.anchor and self.centered:
             raise ValueError("anchor= and centered= cannot be combined")
+        if self.gram_precision not in ("auto", "float32", "float64"):
+            raise ValueError(f"gram_precision must be 'auto', 'float32' or 'float64', got {self.gram_precision!r}")
         if not (self.ridge > 0):
             raise ValueError(f"ridge must be > 0, got {self.ridge}")
 
@@ -189,9 +199,15 @@ class BlockCompressor:
         self.report.layers.append(LayerRecord(prefix + name, lin.out_features, lin.in_features,
                                               f.rank, float(energy), route))
 
+    def _accumulator(self, dim: int, label: str) -> kernels.GramAccumulator:
+        precision = self.options.gram_precision
+        if precision == "auto":
+            precision = "float32" if dim >= FLOAT32_GRAM_MIN_DIM else "float64"
+        return self.comm.gram_accumulator(dim, label, precision=precision)
+
     def _gram(self, batches, token_masks, label: str) -> kernels.GramAccumulator:
         """Gram of stored activations over the real tokens (o_proj's input)."""
-        acc = self.comm.gram_accumulator(batches[0].shape[-1], label)
+        acc = self._accumulator(batches[0].shape[-1], label)
         with self.timer("statistics"):
             for x, m in zip(batches, token_masks):
                 acc.update(_rows(x, m))
@@ -200,7 +216,7 @@ class BlockCompressor:
     def _normed_input_stats(self, norm, hiddens, dense_hiddens, token_masks, label: str):
         """Gram of norm(h) over the real tokens (the input shared by q/k/v, or by gate/up) and,
         when anchoring, the cross moment of the dense path's norm(h_d) with it."""
-        acc = self.comm.gram_accumulator(hiddens[0].shape[-1], label)
+        acc = self._accumulator(hiddens[0].shape[-1], label)
         cross = self.comm.cross_accumulator(acc.dim, acc.dim, label) if dense_hiddens is not None else None
         for i, (h, m) in enumerate(zip(hiddens, token_masks)):
             with self.timer("forward"):
@@ -262,6 +278,9 @@ class BlockCompressor:
                                         self._gram(attn_out, token_masks, _inputs_label(prefix, stages[1].linears)),
                                         cross)
         del cross
+        if anchoring:   # the dense attention's work is done: its weights go before the MLP's peak
+            parent, _, child = a.attention.rpartition(".")
+            setattr(dense.get_submodule(parent) if parent else dense, child, nn.Identity())
         out_proj = attn.get_submodule(a.out_proj)   # compressed now
         with self.timer("forward"):
             for h, o in zip(hiddens, attn_out):
@@ -290,7 +309,7 @@ class BlockCompressor:
             down = block.get_submodule(down_name)
             output_route = down.in_features > down.out_features
             width = down.out_features if output_route else down.in_features
-            acc = self.comm.gram_accumulator(width, f"{'outputs' if output_route else 'inputs'} of {prefix}{down_name}")
+            acc = self._accumulator(width, f"{'outputs' if output_route else 'inputs'} of {prefix}{down_name}")
             cross = self.comm.cross_accumulator(width, width, acc.label) if anchoring else None
             dense_outputs = self._scratch_batches(hiddens, down.out_features) if output_route else None
             dense_mlp = dense.get_submodule(a.mlp) if anchoring else None

@@ -398,3 +398,26 @@ def test_non_finite_activations_name_the_block_and_layer():
         rom_fast.compress(copy.deepcopy(model), ranks={f"model.layers.1.{n}": 10 for n in LINEARS}, **kw)
     with pytest.raises(ValueError, match=r"inputs of model\.layers\.1\.mlp\.gate_proj \(planner\): .*non-finite"):
         rom_fast.compress(copy.deepcopy(model), budget=0.8, **kw)
+
+
+def test_float32_gram_blocks_stay_close_to_the_float64_reference():
+    """gram_precision='float32' (the 'auto' choice from 1536 columns up, i.e. every 7B Gram)
+    forced on a tiny model: its statistics carry ~1e-7 relative rounding, so the compressed
+    logits stay within 1e-3 of the float64 reference's (float64 Grams: 1e-4, above); 'auto'
+    keeps these narrow Grams in float64, bit for bit."""
+    model = tiny_model("llama")
+    ids, mask = calibration()
+    ranks = all_ranks()
+    ref, _ = reference_compress(copy.deepcopy(model), ids, mask, ranks)
+    kw = dict(calibration={"input_ids": ids, "attention_mask": mask}, ranks=ranks, n_samples=ids.shape[0],
+              seq_len=ids.shape[1], batch_size=6, progress=False)
+    f32 = rom_fast.compress(copy.deepcopy(model), gram_precision="float32", **kw).model
+    auto = rom_fast.compress(copy.deepcopy(model), **kw).model
+    f64 = rom_fast.compress(copy.deepcopy(model), gram_precision="float64", **kw).model
+    test_ids = torch.randint(0, 211, (3, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        b = ref(test_ids).logits.double()
+        assert (f32(test_ids).logits.double() - b).abs().max() <= 1e-3 * b.abs().max()
+        assert torch.equal(auto(test_ids).logits, f64(test_ids).logits)
+    with pytest.raises(ValueError, match="gram_precision"):
+        rom_fast.compress(copy.deepcopy(model), gram_precision="half", **kw)
