@@ -215,7 +215,29 @@ class ProcessGroupCommunicator(Communicator):
                              f"{', '.join(map(str, failed))} of {self.size})")
 
 
-class ReducedGramAccumulator(kernels.GramAccumulator):
+class _ReducedOnRead:
+    """What the reduced accumulators share: the first read all-reduces the local sums (a matrix,
+    then a vector with the count appended: two exchanges) and keeps them; updating after that,
+    or merging, is refused. Every process must read its accumulators in the same order (they
+    run the same code)."""
+
+    _comm: Communicator
+    _reduced: Optional[tuple] = None
+
+    def _check_open(self) -> None:
+        if self._reduced is not None:
+            raise RuntimeError(f"{self.label}: updated after its statistics were all-reduced")
+
+    def merge(self, other) -> None:
+        raise NotImplementedError("a reduced accumulator holds every process's sums already")
+
+    def _reduce(self, matrix: np.ndarray, vector: np.ndarray, count: int, kind: str) -> tuple:
+        matrix = self._comm.all_reduce(matrix, kind)
+        tail = self._comm.all_reduce(np.append(vector, float(count)), kind)
+        return matrix, tail[:-1].copy(), int(round(tail[-1]))
+
+
+class ReducedGramAccumulator(_ReducedOnRead, kernels.GramAccumulator):
     """A GramAccumulator whose ``gram``, ``column_sum`` and ``count`` are the sums over every
     process: the first read all-reduces them (float64, one exchange for the Gram and one for
     the column sum and count) and keeps the result; updating after that is refused. Every
@@ -224,23 +246,14 @@ class ReducedGramAccumulator(kernels.GramAccumulator):
     def __init__(self, dim: int, label: str, comm: Communicator, **options):
         super().__init__(dim, label, **options)
         self._comm = comm
-        self._reduced: Optional[tuple] = None
 
     def update(self, x) -> None:
-        if self._reduced is not None:
-            raise RuntimeError(f"{self.label}: updated after its statistics were all-reduced")
+        self._check_open()
         super().update(x)
-
-    def merge(self, other) -> None:
-        raise NotImplementedError("a reduced accumulator holds every process's sums already")
 
     def _state(self) -> tuple:
         if self._reduced is None:
-            kind = _kind(self.label)
-            gram = self._comm.all_reduce(super().gram, kind)
-            tail = np.append(super().column_sum, float(super().count))
-            self._comm.all_reduce(tail, kind)
-            self._reduced = (gram, tail[:-1].copy(), int(round(tail[-1])))
+            self._reduced = self._reduce(super().gram, super().column_sum, super().count, _kind(self.label))
             self.reset()        # the local sums are not needed any more
         return self._reduced
 
@@ -262,29 +275,22 @@ class ReducedGramAccumulator(kernels.GramAccumulator):
         return gram - np.outer(colsum, colsum) / max(count, 1)
 
 
-class ReducedCrossGramAccumulator(kernels.CrossGramAccumulator):
+class ReducedCrossGramAccumulator(_ReducedOnRead, kernels.CrossGramAccumulator):
     """A CrossGramAccumulator whose ``cross``, ``dense_column_sum`` and ``count`` are sums over
     every process, all-reduced on first read like :class:`ReducedGramAccumulator`."""
 
     def __init__(self, dim_dense: int, dim_comp: int, label: str, comm: Communicator):
         super().__init__(dim_dense, dim_comp, label)
         self._comm = comm
-        self._reduced: Optional[tuple] = None
 
     def update(self, x_dense, x_comp) -> None:
-        if self._reduced is not None:
-            raise RuntimeError(f"{self.label}: updated after its statistics were all-reduced")
+        self._check_open()
         super().update(x_dense, x_comp)
-
-    def merge(self, other) -> None:
-        raise NotImplementedError("a reduced accumulator holds every process's sums already")
 
     def _state(self) -> tuple:
         if self._reduced is None:
-            kind = _kind(self.label) + " (anchor)"
-            cross = self._comm.all_reduce(super().cross, kind)
-            tail = self._comm.all_reduce(np.append(super().dense_column_sum, float(super().count)), kind)
-            self._reduced = (cross, tail[:-1].copy(), int(round(tail[-1])))
+            self._reduced = self._reduce(super().cross, super().dense_column_sum, super().count,
+                                         _kind(self.label) + " (anchor)")
         return self._reduced
 
     @property
