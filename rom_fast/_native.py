@@ -23,7 +23,13 @@ def _preload_openblas() -> None:
         raise ImportError(
             "rom_fast needs the scipy-openblas32 package (BLAS/LAPACK): pip install scipy-openblas32"
         ) from exc
-    path = os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(fullname=True))
+    lib_dir = scipy_openblas32.get_lib_dir()
+    try:
+        name = scipy_openblas32.get_library(fullname=True)
+    except TypeError:  # older wheels (0.3.27) have no fullname: find the library file itself
+        name = next(f for f in sorted(os.listdir(lib_dir))
+                    if f.startswith("libscipy_openblas") and f.endswith((".so", ".dylib", ".dll")))
+    path = os.path.join(lib_dir, name)
     ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
 
 
