@@ -157,3 +157,24 @@ def test_a_failed_process_ends_the_job_and_the_rerun_resumes(two_processes, tmp_
     a, b = saved(out), saved(two_processes / "two-out")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_anchored_targets_two_processes_match_one(tmp_path):
+    """Dense-anchored statistics (the cross moments) are all-reduced like the Grams: 2 processes
+    give one process's anchored model."""
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    ranks = {f"model.layers.{i}.{n}": 9 for i in (1, 2, 3) for n in names}
+    args = dict(ranks=ranks, batch_size=4, anchor=float("inf"))
+    launch(2, dict(args, model="tiny", dump=str(tmp_path / "two")))
+    one = rom_fast.compress(tiny_model(), calibration=calibration(), n_samples=40, seq_len=24, progress=False,
+                            **args)
+    test_ids = torch.randint(0, 211, (3, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logits = one.model(test_ids).logits
+        dense = tiny_model()(test_ids).logits
+    b = tensors(tmp_path / "two" / "rank0.safetensors")
+    assert float((dense - logits).abs().max()) > 1e-3              # it compressed
+    assert float((b["logits"] - logits).abs().max()) <= 1e-5 * float(logits.abs().max())
+    traffic = json.loads((tmp_path / "two" / "result.json").read_text())["summary"]["traffic"]
+    assert any(k.endswith("(anchor)") for k in traffic), sorted(traffic)
