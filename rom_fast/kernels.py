@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
@@ -127,6 +128,11 @@ class Factorization:
     def rank(self) -> int:
         return self.w2.shape[0]
 
+    def astype(self, dtype) -> "Factorization":
+        """The same factors (and biases) in the numpy ``dtype``; the spectrum stays float64."""
+        cast = lambda a: None if a is None else a.astype(dtype, copy=False)  # noqa: E731
+        return dataclasses.replace(self, w1=cast(self.w1), w2=cast(self.w2), b1=cast(self.b1), b2=cast(self.b2))
+
     @property
     def residual_energy(self) -> float:
         return float(self.total_energy - self.eigenvalues.sum())
@@ -138,9 +144,8 @@ class Factorization:
 
 
 def _result(raw: dict, dtype) -> Factorization:
-    cast = lambda a: None if a is None else a.astype(dtype, copy=False)  # noqa: E731
-    return Factorization(cast(raw["w1"]), cast(raw["w2"]), cast(raw["b1"]), cast(raw["b2"]),
-                         raw["eigenvalues"], float(raw["total_energy"]), float(raw["eigen_seconds"]))
+    return Factorization(raw["w1"], raw["w2"], raw["b1"], raw["b2"], raw["eigenvalues"],
+                         float(raw["total_energy"]), float(raw["eigen_seconds"])).astype(dtype)
 
 
 def input_factor(stats, *, centered: bool = False, with_bias: bool = False,

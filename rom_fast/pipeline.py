@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -183,8 +182,7 @@ class BlockCompressor:
                 f = kernels.factorize(weight, factor, ranks[name],
                                       centered=self.options.centered, bias=bias,
                                       method=self.options.eigen_method)
-                if weight.dtype != lin.weight.detach().numpy().dtype:
-                    f = _cast_factors(f, lin.weight.dtype)
+                f = f.astype(lin.weight.detach().numpy().dtype)   # an anchored target is float64
                 self._replace(block, prefix, name, lin, f, "input-gram" + ("+anchored" if anchored else ""))
                 del lin, f
 
@@ -347,9 +345,8 @@ class BlockCompressor:
                         del cross
                         fm = kernels.factorize(m_eff, factor, ranks[down_name], method=self.options.eigen_method)
                         w = down.weight.detach().numpy()
-                        f = _cast_factors(kernels.Factorization(fm.w1, fm.w2 @ w.astype(np.float64), None, None,
-                                                                fm.eigenvalues, fm.total_energy, fm.eigen_seconds),
-                                          down.weight.dtype)
+                        f = kernels.Factorization(fm.w1, fm.w2 @ w.astype(np.float64), None, None, fm.eigenvalues,
+                                                  fm.total_energy, fm.eigen_seconds).astype(w.dtype)
                     else:
                         f = kernels.factorize_output_gram(down.weight.detach().numpy(), acc, ranks[down_name],
                                                           centered=self.options.centered, bias=bias,
@@ -366,7 +363,7 @@ class BlockCompressor:
                     f = kernels.factorize(weight, factor, ranks[down_name],
                                           centered=self.options.centered, bias=bias,
                                           method=self.options.eigen_method)
-                    f = _cast_factors(f, down.weight.dtype)
+                    f = f.astype(down.weight.detach().numpy().dtype)
                 self._replace(block, prefix, down_name, down, f,
                               ("output-gram" if output_route else "input-gram") + ("+anchored" if anchoring else ""))
         elif anchoring:
@@ -399,13 +396,6 @@ class BlockCompressor:
                 for h in hiddens:
                     h.add_(mlp(norm2(h.float())))
         return hiddens
-
-
-def _cast_factors(f: kernels.Factorization, dtype: torch.dtype) -> kernels.Factorization:
-    """Factors of an anchored (float64) target back in the layer's own dtype."""
-    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-    cast = lambda a: None if a is None else a.astype(np_dtype, copy=False)  # noqa: E731
-    return dataclasses.replace(f, w1=cast(f.w1), w2=cast(f.w2), b1=cast(f.b1), b2=cast(f.b2))
 
 
 def compress_blocks(source: BlockSource, input_ids: torch.Tensor, attention_mask: torch.Tensor,
