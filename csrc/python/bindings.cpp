@@ -89,8 +89,9 @@ const void* optional_vector(const py::object& obj, const char* name, index_t n, 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "rom_fast native core: Gram accumulation, eigensolvers, layer factorization";
   m.attr("__version__") = ROM_FAST_VERSION;
-  static py::exception<rom_fast::LapackError> lapack_error(m, "LapackError", PyExc_RuntimeError);
-  (void)lapack_error;
+  // register_exception also translates a thrown rom_fast::LapackError into this type (a bare
+  // py::exception only defines it, and the error reached Python as a plain RuntimeError).
+  py::register_exception<rom_fast::LapackError>(m, "LapackError", PyExc_RuntimeError);
 
   m.def("set_num_threads", &rom_fast::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &rom_fast::get_num_threads);
