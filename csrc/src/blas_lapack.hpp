@@ -61,6 +61,8 @@ inline blas_int lwork_from(double query, const char* routine) {
 #define dpstrf_f ROM_FAST_F77(dpstrf)
 #define dpotrf_f ROM_FAST_F77(dpotrf)
 #define dpotrs_f ROM_FAST_F77(dpotrs)
+#define dpotri_f ROM_FAST_F77(dpotri)
+#define dtrsm_f ROM_FAST_F77(dtrsm)
 
 extern "C" {
 using rom_fast::detail::blas_int;
@@ -109,4 +111,10 @@ void dpotrf_f(const char* uplo, const blas_int* n, double* a, const blas_int* ld
               fortran_len);
 void dpotrs_f(const char* uplo, const blas_int* n, const blas_int* nrhs, const double* a,
               const blas_int* lda, double* b, const blas_int* ldb, blas_int* info, fortran_len);
+void dpotri_f(const char* uplo, const blas_int* n, double* a, const blas_int* lda, blas_int* info,
+              fortran_len);
+void dtrsm_f(const char* side, const char* uplo, const char* transa, const char* diag,
+             const blas_int* m, const blas_int* n, const double* alpha, const double* a,
+             const blas_int* lda, double* b, const blas_int* ldb, fortran_len, fortran_len,
+             fortran_len, fortran_len);
 }

@@ -7,5 +7,6 @@
 #include "rom_fast/factorize.hpp"
 #include "rom_fast/gram.hpp"
 #include "rom_fast/lowrank.hpp"
+#include "rom_fast/neurons.hpp"
 #include "rom_fast/threads.hpp"
 #include "rom_fast/version.hpp"
