@@ -8,6 +8,7 @@ Native work runs with the GIL released.
 from __future__ import annotations
 
 import contextlib
+import operator
 import threading
 import dataclasses
 from dataclasses import dataclass
@@ -271,9 +272,65 @@ def anchored_target(correction: AnchorCorrection, weight, alpha: float, bias=Non
     return correction.apply(as_array(weight, "weight"), as_optional(bias, "bias"), float(alpha))
 
 
+@dataclass(frozen=True)
+class InputSelection:
+    """Which ``keep`` of a linear layer's ``n`` input columns to keep, and the refit layer.
+
+    ``kept`` (int64, ascending, ``keep``) are the kept columns and ``weight`` (float64,
+    ``d × keep``, columns in ``kept`` order) the exact optimum ``W H[:,S] H[S,S]⁻¹`` for them,
+    ``H = C + λI``. ``removed`` (int64) lists the greedy's removals in order, down to
+    ``curve_to`` kept columns; ``kept`` is every column but its first ``n − keep``.
+    ``curve_kept`` (int64) and ``curve_loss`` (float64) give, before the first step and after
+    each, the kept count and ``L(S) = tr((W − W'E_Sᵀ) H (W − W'E_Sᵀ)ᵀ)`` of the greedy set
+    (``n`` and 0 first). ``total_energy = tr(W C Wᵀ)``, the layer's output energy on the
+    calibration inputs; ``lambda_`` the ridge λ added to diag C.
+    """
+
+    kept: np.ndarray
+    removed: np.ndarray
+    curve_kept: np.ndarray
+    curve_loss: np.ndarray
+    weight: np.ndarray
+    total_energy: float
+    lambda_: float
+
+    @property
+    def keep(self) -> int:
+        return int(self.kept.shape[0])
+
+
+def _integer(value, name: str) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+
+
+def select_inputs(weight, gram, keep: int, *, ridge: float = 1e-3, block: int = 1,
+                  curve_to: Optional[int] = None) -> InputSelection:
+    """Structured input pruning of ``weight`` (d × n, float32/float64): keep ``keep`` of its n
+    input columns (an MLP's intermediate neurons, read by down_proj) and refit it on them.
+
+    ``gram`` is the inputs' Gram ``XᵀX`` (float64 n × n) or a GramAccumulator over them. The
+    columns are removed greedily, optimal-brain-surgeon style, ``block`` at a time (the
+    remaining ones of smallest ``‖W_R[:,i]‖² / (H_R⁻¹)_ii``, ties to the lower index), on
+    ``H = C + λI`` with ``λ = ridge · mean diag C``; removal continues down to ``curve_to``
+    kept columns (default ``keep``) for the loss curve. See :class:`InputSelection`.
+    """
+    w = as_array(weight, "weight")
+    if isinstance(gram, _core.GramAccumulator):
+        g = gram.gram     # the Python property: a data-parallel accumulator sums over processes
+    else:
+        g = as_array(gram, "gram")
+    raw = _core.select_inputs(w, g, _integer(keep, "keep"), float(ridge), _integer(block, "block"),
+                              None if curve_to is None else _integer(curve_to, "curve_to"))
+    return InputSelection(raw["kept"], raw["removed"], raw["curve_kept"], raw["curve_loss"],
+                          raw["weight"], float(raw["total_energy"]), float(raw["lambda"]))
+
+
 __all__ = [
     "AnchorCorrection", "CrossGramAccumulator", "Factorization", "GramAccumulator", "InputFactor",
-    "LapackError", "anchor_correction", "anchored_target", "eigenvalues",
+    "InputSelection", "LapackError", "anchor_correction", "anchored_target", "eigenvalues",
     "factorize", "factorize_output_gram", "get_num_threads", "input_factor", "lowrank_apply",
-    "output_spectrum", "set_num_threads", "top_eigenpairs",
+    "output_spectrum", "select_inputs", "set_num_threads", "top_eigenpairs",
 ]

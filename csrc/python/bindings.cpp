@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+#include <optional>
 #include <string>
 
 #include "rom_fast/rom_fast.hpp"
@@ -46,9 +47,10 @@ py::array checked(const py::handle& obj, const char* name, int ndim, Want want) 
 
 bool is_f32(const py::array& a) { return a.dtype().is(py::dtype::of<float>()); }
 
-py::array_t<double> to_numpy(const std::vector<double>& v, std::vector<py::ssize_t> shape) {
-  py::array_t<double> out(shape);
-  if (!v.empty()) std::memcpy(out.mutable_data(), v.data(), v.size() * sizeof(double));
+template <class T>
+py::array_t<T> to_numpy(const std::vector<T>& v, std::vector<py::ssize_t> shape) {
+  py::array_t<T> out(shape);
+  if (!v.empty()) std::memcpy(out.mutable_data(), v.data(), v.size() * sizeof(T));
   return out;
 }
 
@@ -465,4 +467,48 @@ PYBIND11_MODULE(_core, m) {
             return py::make_tuple(w_eff, b_out);
           },
           py::arg("weight"), py::arg("bias"), py::arg("alpha"));
+
+  // -- structured input pruning (rom_fast/neurons.hpp) ------------------------------------
+  m.def(
+      "select_inputs",
+      [](const py::object& wo, const py::object& go, index_t keep, double ridge, index_t block,
+         std::optional<index_t> curve_to) {
+        py::array w = checked(wo, "weight", 2, Want::Either);
+        py::array g = checked(go, "gram", 2, Want::F64);
+        const index_t d = w.shape(0), n = w.shape(1);
+        if (g.shape(0) != g.shape(1)) {
+          throw py::value_error("gram must be square, got " + std::to_string(g.shape(0)) + " x " +
+                                std::to_string(g.shape(1)));
+        }
+        if (g.shape(0) != n) {
+          throw py::value_error("gram must be n x n with n = " + std::to_string(n) +
+                                " (the weight's columns), got " + std::to_string(g.shape(0)) +
+                                " x " + std::to_string(g.shape(1)));
+        }
+        rom_fast::SelectionOptions options;
+        options.ridge = ridge;
+        options.block = block;
+        options.curve_to = curve_to;
+        const double* gp = static_cast<const double*>(g.data());
+        rom_fast::InputSelection s;
+        {
+          py::gil_scoped_release release;
+          s = is_f32(w) ? rom_fast::select_inputs(static_cast<const float*>(w.data()), d, n, gp,
+                                                  keep, options)
+                        : rom_fast::select_inputs(static_cast<const double*>(w.data()), d, n, gp,
+                                                  keep, options);
+        }
+        const auto len = [](const auto& v) { return static_cast<py::ssize_t>(v.size()); };
+        py::dict out;
+        out["kept"] = to_numpy(s.kept, {len(s.kept)});
+        out["removed"] = to_numpy(s.removed, {len(s.removed)});
+        out["curve_kept"] = to_numpy(s.curve_kept, {len(s.curve_kept)});
+        out["curve_loss"] = to_numpy(s.curve_loss, {len(s.curve_loss)});
+        out["weight"] = to_numpy(s.weight, {d, len(s.kept)});
+        out["total_energy"] = s.total_energy;
+        out["lambda"] = s.lambda;
+        return out;
+      },
+      py::arg("weight"), py::arg("gram"), py::arg("keep"), py::arg("ridge"), py::arg("block"),
+      py::arg("curve_to") = py::none());
 }
