@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from rom_fast.lowrank import LowRankLinear, apply_structure
+from rom_fast.lowrank import LowRankLinear, PrunedLinear, apply_structure
 from rom_fast.safetensors_index import CheckpointError
 
 FORMAT_VERSION = 1
@@ -67,19 +67,53 @@ def check_config(cfg: dict, where: str) -> None:
     adapter = adapter_class(cfg.get("model_type"), where)
     shapes = adapter.linear_shapes(cfg)
     head = adapter.layers_path + "."
+    pruned: Dict[str, Dict[str, dict]] = {}     # block prefix -> {linear: spec}
     for name, spec in layers.items():
         block, _, rel = name[len(head):].partition(".") if name.startswith(head) else ("", "", "")
         if not (block.isdigit() and int(block) < cfg["num_hidden_layers"] and rel in shapes):
             raise CheckpointError(f"{where}: rom_fast layer {name!r} is not a linear layer of this "
                                   f"{cfg['num_hidden_layers']}-block model")
+        if not isinstance(spec, dict):
+            raise CheckpointError(f"{where}: rom_fast layer {name!r}: expected an object")
+        if spec.get("structure", "lowrank") == "pruned":
+            pruned.setdefault(head + block + ".", {})[rel] = spec
+            continue
+        if spec.get("structure", "lowrank") != "lowrank":
+            raise CheckpointError(f"{where}: rom_fast layer {name!r}: unknown structure {spec.get('structure')!r}")
         d_out, d_in = shapes[rel]
-        rank = spec.get("rank") if isinstance(spec, dict) else None
+        rank = spec.get("rank")
         if not _positive_int(rank) or rank > min(d_out, d_in):
             raise CheckpointError(f"{where}: rom_fast layer {name!r} has rank {rank!r}; a {d_out} x {d_in} "
                                   f"layer takes 1 to {min(d_out, d_in)}")
         for flag in ("reduce_bias", "expand_bias"):
             if not isinstance(spec.get(flag, False), bool):
                 raise CheckpointError(f"{where}: rom_fast layer {name!r}: {flag} must be true or false")
+    for prefix, specs in pruned.items():
+        _check_pruned_mlp(adapter, shapes, prefix, specs, where)
+
+
+def _check_pruned_mlp(adapter, shapes: dict, prefix: str, specs: Dict[str, dict], where: str) -> None:
+    """A pruned MLP must be pruned whole: gate/up keep the same k output rows and down_proj
+    reads those k, 1 <= k <= intermediate_size; the other sides keep their sizes."""
+    inputs, (down,) = adapter.stages[2].linears, adapter.stages[3].linears
+    if set(specs) != set(inputs) | {down}:
+        raise CheckpointError(f"{where}: {prefix}: pruned layers {sorted(specs)} do not form a whole MLP "
+                              f"({', '.join(inputs)} and {down})")
+    for rel, spec in specs.items():
+        for key in ("out_features", "in_features"):
+            if not _positive_int(spec.get(key)):
+                raise CheckpointError(f"{where}: rom_fast layer {prefix + rel!r}: {key} = {spec.get(key)!r} "
+                                      "is not a positive integer")
+        if not isinstance(spec.get("bias", False), bool):
+            raise CheckpointError(f"{where}: rom_fast layer {prefix + rel!r}: bias must be true or false")
+    kept = specs[down]["in_features"]
+    for rel, spec in specs.items():
+        d_out, d_in = shapes[rel]
+        want = (d_out, kept) if rel == down else (kept, d_in)
+        if kept > shapes[down][1] or (spec["out_features"], spec["in_features"]) != want:
+            raise CheckpointError(f"{where}: rom_fast layer {prefix + rel!r} is {spec['out_features']} x "
+                                  f"{spec['in_features']}; an MLP keeping {kept} of {shapes[down][1]} neurons "
+                                  f"needs {want[0]} x {want[1]}")
 
 
 def _register(base_type: str) -> str:
@@ -117,11 +151,18 @@ def register_all() -> None:
 
 
 def factorized_layers(module: nn.Module, prefix: str = "") -> dict:
-    """``{name: {rank, reduce_bias, expand_bias}}`` of the LowRankLinear modules under ``module``
-    (names prefixed with ``prefix``): what config.json records to rebuild them."""
-    return {prefix + name: {"rank": m.rank, "reduce_bias": m.reduce.bias is not None,
-                            "expand_bias": m.expand.bias is not None}
-            for name, m in module.named_modules() if isinstance(m, LowRankLinear)}
+    """``{name: spec}`` of the compressed linears under ``module`` (names prefixed with
+    ``prefix``): LowRankLinear ``{rank, reduce_bias, expand_bias}`` and PrunedLinear
+    ``{structure: "pruned", out_features, in_features, bias}``; what config.json records to
+    rebuild them."""
+    layers = {}
+    for name, m in module.named_modules():
+        if isinstance(m, LowRankLinear):
+            layers[prefix + name] = {"rank": m.rank, "reduce_bias": m.reduce.bias is not None,
+                                     "expand_bias": m.expand.bias is not None}
+        elif isinstance(m, PrunedLinear):
+            layers[prefix + name] = m.spec()
+    return layers
 
 
 def config_dict(config, extra: dict, layers: dict, merged: bool) -> dict:

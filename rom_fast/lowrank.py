@@ -33,6 +33,30 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+class PrunedLinear(nn.Linear):
+    """An ``nn.Linear`` cut to some of its rows or columns (an MLP keeping k of its neurons:
+    gate/up keep k output rows, down_proj k input columns, refitted). A subclass only so a
+    checkpoint can tell it from the dense layer it replaced and record its new shape."""
+
+    def spec(self) -> dict:
+        return {"structure": "pruned", "out_features": self.out_features, "in_features": self.in_features,
+                "bias": self.bias is not None}
+
+
+def pruned_linear(weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> PrunedLinear:
+    """A PrunedLinear holding ``weight`` (d_out × d_in) and ``bias`` as its parameters (no copy)."""
+    layer = PrunedLinear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight.contiguous())
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.contiguous())
+    return layer
+
+
+def mlp_neuron_params(d_model: int, neurons: int) -> int:
+    """Weights of a gate/up/down MLP keeping ``neurons`` intermediate neurons (no biases)."""
+    return 3 * d_model * neurons
+
+
 def lowrank_params(d_out: int, d_in: int, rank: int) -> int:
     return rank * (d_in + d_out)
 
@@ -69,20 +93,28 @@ def from_factors(linear: nn.Linear, w1, w2, b1=None, b2=None) -> LowRankLinear:
 
 
 def apply_structure(model: nn.Module, layers: Mapping[str, Mapping], device=None, dtype=None) -> None:
-    """Replaces the named linears by empty LowRankLinear modules (to load saved factors into).
+    """Replaces the named linears by empty modules of their compressed structure (to load saved
+    tensors into).
 
-    ``layers`` maps a module name to ``{"rank": r, "reduce_bias": bool, "expand_bias": bool}``.
+    ``layers`` maps a module name to ``{"rank": r, "reduce_bias": bool, "expand_bias": bool}``
+    (a LowRankLinear) or ``{"structure": "pruned", "out_features": o, "in_features": i, "bias":
+    bool}`` (a PrunedLinear: an MLP linear keeping some of its neurons).
     """
     for name, spec in layers.items():
         old = get_module(model, name)
         if not isinstance(old, nn.Linear):
             raise ValueError(f"{name} is {type(old).__name__}, expected nn.Linear")
+        dev = device if device is not None else old.weight.device
+        kind = dtype if dtype is not None else old.weight.dtype
+        if spec.get("structure") == "pruned":
+            set_module(model, name, PrunedLinear(int(spec["in_features"]), int(spec["out_features"]),
+                                                 bias=bool(spec.get("bias", False)), device=dev, dtype=kind))
+            continue
         set_module(model, name, LowRankLinear(
             old.in_features, old.out_features, int(spec["rank"]),
             reduce_bias=bool(spec.get("reduce_bias", False)),
             expand_bias=bool(spec.get("expand_bias", False)),
-            device=device if device is not None else old.weight.device,
-            dtype=dtype if dtype is not None else old.weight.dtype))
+            device=dev, dtype=kind))
 
 
 def merge_lowrank(model: nn.Module, names: Optional[list] = None) -> None:
