@@ -63,6 +63,7 @@ class PlanRequest:
     weighting: str = "fisher"
     planner_samples: int = 128
     planner_grad_samples: int = planner.DEFAULT_GRAD_SAMPLES
+    mlp_structure: str = planner.DEFAULT_MLP_STRUCTURE
 
     def __post_init__(self):
         if self.ranks is not None and (self.budget is not None or self.recipe is not None or self.last_k is not None):
@@ -82,6 +83,10 @@ class PlanRequest:
             _check_int("last_k", self.last_k, 1)
         if self.weighting not in planner.WEIGHTINGS:
             raise ValueError(f"weighting must be one of {planner.WEIGHTINGS}, got {self.weighting!r}")
+        if self.mlp_structure not in planner.MLP_STRUCTURES:
+            raise ValueError(f"mlp_structure must be one of {planner.MLP_STRUCTURES}, got {self.mlp_structure!r}")
+        if self.mlp_structure != planner.DEFAULT_MLP_STRUCTURE and not self.uses_planner:
+            raise ValueError("mlp_structure= is the rank planner's choice: give it with budget= alone")
         _check_int("planner_samples", self.planner_samples, 1)
         _check_int("planner_grad_samples", self.planner_grad_samples, 1)
         if self.ranks is not None and not isinstance(self.ranks, dict):
@@ -96,14 +101,16 @@ class PlanRequest:
         return {"budget": self.budget, "recipe": self.recipe, "ranks": self.ranks, "last_k": self.last_k,
                 "weighting": self.weighting if self.uses_planner else None,
                 "planner_samples": self.planner_samples if self.uses_planner else None,
-                "planner_grad_samples": self.planner_grad_samples if self.uses_planner else None}
+                "planner_grad_samples": self.planner_grad_samples if self.uses_planner else None,
+                "mlp_structure": self.mlp_structure if self.uses_planner else None}
 
     def resolve(self, shape: plans.ModelShape, spectra) -> plans.RankPlan:
         """The plan; ``spectra()`` collects the planner's spectra when it is needed."""
         if self.ranks is not None:
             label = f"explicit ranks from {Path(self.ranks_file).name}" if hasattr(self, "ranks_file") \
                 else "explicit ranks"
-            return plans.explicit_plan(shape, self.ranks, label)
+            ranks, neurons = plans.split_plan(self.ranks)
+            return plans.explicit_plan(shape, ranks, label, neurons)
         if self.recipe is not None and self.recipe != "paper":
             return plans.paper_recipe(shape, self.recipe)
         budget = 0.8 if self.budget is None else self.budget
@@ -112,7 +119,8 @@ class PlanRequest:
         if self.recipe == "paper":
             return plans.recipe_for_budget(shape, budget)
         plans.check_reachable(shape, budget)          # before the planner's pass over the model
-        return planner.planned(shape, budget, spectra(), self.weighting)
+        return planner.planned(shape, budget, spectra(self.mlp_structure != "lowrank"), self.weighting,
+                               self.mlp_structure)
 
 
 @dataclass
@@ -235,7 +243,8 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
              planner_grad_samples: int = planner.DEFAULT_GRAD_SAMPLES, weighting: str = "fisher",
              activation_dtype: Union[str, torch.dtype] = "float32",
              eval_windows: int = 0, anchor: float = DEFAULT_ANCHOR, ridge: float = 1e-3,
-             gram_precision: str = "auto") -> CompressionResult:
+             gram_precision: str = "auto",
+             mlp_structure: str = planner.DEFAULT_MLP_STRUCTURE) -> CompressionResult:
     """Compresses a LLaMA-family model by reduced order modelling, one block at a time.
 
     model: a transformers model object (compressed in place: copy it first to keep the dense
@@ -251,7 +260,11 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
         sensitivities from the first ``planner_grad_samples`` of them, collected block by
         block: :mod:`rom_fast.planner`), for every kind of source. Or ``recipe="paper"`` (the paper's last-k recipe at ``budget``),
         ``recipe="paper-80"`` etc. (its own settings), ``last_k=`` with ``budget=``, or
-        ``ranks=`` (a dict or JSON file of per-layer ranks). Conflicting options are refused.
+        ``ranks=`` (a dict or JSON file of per-layer ranks, or ``{"ranks": ..., "neurons": {MLP
+        name: kept neurons}}``). Conflicting options are refused.
+    mlp_structure: how the planner may compress each MLP: ``"auto"`` (whichever of low-rank
+        linears or whole kept neurons its curves say loses less), ``"lowrank"`` or
+        ``"neurons"`` (whole neurons kept: gate/up keep those rows, down_proj is refitted).
     out: the output directory, written block by block as a Hugging Face checkpoint (in the
         source's precision) under ``.<out>.partial`` and renamed into place when complete.
         An interrupted run (Ctrl-C, kill, power loss) continues from its last finished block
@@ -282,7 +295,8 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
     options = CompressionOptions(centered=centered, batch_size=_check_int("batch_size", batch_size, 1),
                                  activation_dtype=activation_dtype, anchor=float(anchor), ridge=float(ridge),
                                  gram_precision=gram_precision)
-    request = PlanRequest(budget, recipe, ranks, last_k, weighting, planner_samples, planner_grad_samples)
+    request = PlanRequest(budget, recipe, ranks, last_k, weighting, planner_samples, planner_grad_samples,
+                          mlp_structure)
     _check_int("n_samples", n_samples, 1)
     _check_int("seq_len", seq_len, 2)
     _check_int("eval_windows", eval_windows, 0)
@@ -333,7 +347,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
         description = output.state["calibration"]
         plan = plans.RankPlan(**output.state["plan"])
         spectra_json = output.spectra_json()
-        last = max((shape.block_of[n] for n in plan.ranks), default=-1)
+        last = max((shape.block_of[n] for n in plan.modules()), default=-1)
         if comm.is_root:
             print(f"rom_fast: resuming the interrupted run in {output.partial}: "
                   f"{output.blocks_done} of {last + 1} blocks done", file=sys.stderr)
@@ -344,19 +358,23 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
         calib = comm.broadcast(calib, "calibration")        # process 0's tokens on every process
         input_ids, attention_mask, description = calib.input_ids, calib.attention_mask, calib.description
 
-        def spectra():
+        def spectra(neuron_curves: bool = False):
             k = min(planner_samples, input_ids.shape[0])
             collected = planner.collect_spectra(
                 source, input_ids[:k], attention_mask[:k], batch_size=options.batch_size,
                 progress=progress, activation_dtype=options.activation_dtype,
                 workdir=str(out.parent) if out is not None else None, seconds=report.seconds,
-                grad_samples=planner_grad_samples, comm=comm)
+                grad_samples=planner_grad_samples, comm=comm, neuron_curves=neuron_curves)
             spectra_json.update({n: sp.to_json() for n, sp in collected.items()})
             return collected
 
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
         plan = comm.broadcast(request.resolve(shape, spectra), "plan")   # process 0's, bit for bit
+        if merge and plan.neurons:
+            raise ValueError("merge=True writes a plain checkpoint of the base architecture, whose MLPs all "
+                             f"have intermediate_size neurons; this plan keeps fewer in {len(plan.neurons)} "
+                             "MLPs: save it factorized, or plan with mlp_structure='lowrank'")
         if output is not None:
             kept = plan.details.get("kept_params", shape.total_params) if not merge else shape.total_params
             hidden_bytes = input_ids.numel() * source.config.hidden_size * \
@@ -369,7 +387,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
             comm.check_all(output.partial.is_dir(), f"{output.partial} is not visible here: "
                            "--out must be on storage every process sees")
 
-    last_block = max((shape.block_of[n] for n in plan.ranks), default=-1)
+    last_block = max((shape.block_of[n] for n in plan.modules()), default=-1)
     start = output.blocks_done if output is not None else 0
     if output is not None and not source.streamed:
         for i in range(start):
@@ -400,7 +418,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
             source.release_block(i)
 
     try:
-        compress_blocks(source, input_ids, attention_mask, plan.ranks, options, progress=tick,
+        compress_blocks(source, input_ids, attention_mask, plan.ranks, options, progress=tick, neurons=plan.neurons,
                         block_done=block_done, start_block=start, report=report, comm=comm,
                         start_hidden=output.load_hidden if output is not None and start > 0 else None)
     except BaseException:

@@ -44,6 +44,10 @@ def _add_compress(sub) -> None:
                    help="with --budget: compress only the last K blocks, uniformly (the paper's scheme)")
     p.add_argument("--weighting", choices=["fisher", "energy", "tail"], default="fisher",
                    help="the planner's loss weighting (see 'rom-fast plan')")
+    p.add_argument("--mlp", choices=["auto", "lowrank", "neurons"], default=None, dest="mlp_structure",
+                   help="how the planner may compress each MLP: auto (low-rank linears or whole kept neurons, "
+                        "whichever its curves say loses less), lowrank, or neurons (gate/up keep whole rows, "
+                        "down_proj refitted on them); default: rom_fast.planner.DEFAULT_MLP_STRUCTURE")
     p.add_argument("--planner-samples", type=int, default=128,
                    help="calibration sequences the planner's spectra use")
     p.add_argument("--planner-grad-samples", type=int, default=32,
@@ -91,7 +95,11 @@ def _add_plan(sub) -> None:
     p.add_argument("--weighting", choices=["fisher", "energy", "tail"], default="fisher",
                    help="fisher: tail x output sensitivity (default); energy: tail / the layer's own energy; "
                         "tail: raw tail")
-    p.add_argument("--json", help="write {ranks, details} here (input for compress --ranks)")
+    p.add_argument("--mlp", choices=["auto", "lowrank", "neurons"], default=None, dest="mlp_structure",
+                   help="how the planner may compress each MLP: auto (low-rank linears or whole kept neurons, "
+                        "whichever its curves say loses less), lowrank, or neurons (gate/up keep whole rows, "
+                        "down_proj refitted on them); default: rom_fast.planner.DEFAULT_MLP_STRUCTURE")
+    p.add_argument("--json", help="write {ranks, neurons, details} here (input for compress --ranks)")
     p.add_argument("--png", help="plot ranks and retained energy per layer to this PNG")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward/backward pass")
     p.add_argument("--activation-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
@@ -121,22 +129,27 @@ def run_plan(args) -> int:
                                seed=None if args.seed < 0 else args.seed, model=source)
     comm = distributed.communicator()
     calib = comm.broadcast(calib, "calibration")
+    structure = args.mlp_structure or planner.DEFAULT_MLP_STRUCTURE
     spectra = planner.collect_spectra(source, calib.input_ids, calib.attention_mask, batch_size=args.batch_size,
                                       progress=comm.is_root, activation_dtype=_dtype(args.activation_dtype),
-                                      grad_samples=args.grad_samples, comm=comm)
-    plan = planner.planned(shape, args.budget, spectra, args.weighting)
+                                      grad_samples=args.grad_samples, comm=comm,
+                                      neuron_curves=structure != "lowrank")
+    plan = planner.planned(shape, args.budget, spectra, args.weighting, structure)
     if not comm.is_root:
         return 0
     print(f"{plan.description}: {plan.details['kept_params']:,} of {plan.details['total_params']:,} "
           f"parameters ({plan.details['ratio']:.2%})")
     print(f"{'layer':44s} {'shape':>11s} {'rank':>6s} {'retained':>9s} {'sensitivity':>12s}")
+    kept_neurons = {n: k for mlp, k in plan.neurons.items()
+                    for n in shape.mlps[mlp][0] + (shape.mlps[mlp][1],)}
     for name, s in spectra.items():
         rank = plan.ranks.get(name)
-        print(f"{name:44s} {s.d_out:>5d}x{s.d_in:<5d} {rank if rank else 'dense':>6} "
+        what = f"n={kept_neurons[name]}" if name in kept_neurons else rank if rank else "dense"
+        print(f"{name:44s} {s.d_out:>5d}x{s.d_in:<5d} {what:>6} "
               f"{plan.details['retained_energy'][name]:>9.4f} {s.sensitivity:>12.3e}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"ranks": plan.ranks, "details": plan.details, "description": plan.description}, f, indent=2)
+            json.dump(dict(plan.to_json(), neurons=plan.neurons), f, indent=2)
     if args.png:
         planner.plot_plan(spectra, plan, shape, args.png)
         print(f"plot: {args.png}")
@@ -179,6 +192,7 @@ def run_compress(args) -> int:
         centered=args.centered, batch_size=args.batch_size, activation_dtype=args.activation_dtype,
         merge=args.merge, overwrite=args.overwrite, restart=args.restart, eval_windows=args.eval_windows,
         **({} if args.anchor is None else {"anchor": args.anchor}),
+        **({} if args.mlp_structure is None else {"mlp_structure": args.mlp_structure}),
         command="rom-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     if not _is_root():
         return 0                    # process 0 reports for a data-parallel run

@@ -8,6 +8,10 @@ layers already compressed (the paper's error-aware order):
 3. MLP input        -> gate, up  (one shared input Gram and factor)
 4. MLP hidden       -> down_proj (the *output* Gram when d_in > d_out: ~(d_in/d_out)^2 cheaper)
 
+An MLP may instead keep k whole neurons (stages 3-4 become one): its hidden activations'
+Gram on the compressed path chooses them (greedy optimal-brain-surgeon removal in the native
+core), gate/up keep those rows unchanged and down_proj is refitted on them by least squares.
+
 Each stage runs only the part of the block it needs, once; the block's outputs become the next
 block's inputs. Statistics and factors are computed by the native core.
 """
@@ -25,11 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from rom_fast import kernels
+from rom_fast import kernels, plans
 from rom_fast.adapters import ModelAdapter
 from rom_fast.blockwise import capture_block_inputs
 from rom_fast.distributed import Communicator
-from rom_fast.lowrank import from_factors
+from rom_fast.lowrank import from_factors, pruned_linear
 from rom_fast.sources import BlockSource, release_freed_memory
 
 
@@ -162,29 +166,25 @@ class BlockCompressor:
             return
         with self.timer("factorize"):
             has_bias = any(block.get_submodule(n).bias is not None for n in todo)
-            targets, anchored = {}, cross is not None
+            correction, anchored = None, cross is not None
             if anchored:
                 correction = kernels.anchor_correction(acc, cross, ridge=self.options.ridge, with_bias=has_bias)
                 del cross
-                for name in todo:
-                    lin = block.get_submodule(name)
-                    targets[name] = kernels.anchored_target(
-                        correction, lin.weight.detach().numpy(), self.options.anchor,
-                        bias=None if lin.bias is None else lin.bias.detach().numpy())
-                del correction
             factor = kernels.input_factor(acc, centered=self.options.centered,
                                           with_bias=has_bias and not self.options.centered)
             del acc
             for name in todo:
                 lin = block.get_submodule(name)
-                weight, bias = targets.pop(name, (lin.weight.detach().numpy(),
-                                                  None if lin.bias is None else lin.bias.detach().numpy()))
+                weight, bias = lin.weight.detach().numpy(), None if lin.bias is None else lin.bias.detach().numpy()
+                if correction is not None:
+                    # One float64 target at a time (a 7B gate_proj's is 0.36 GB), not the stage's.
+                    weight, bias = kernels.anchored_target(correction, weight, self.options.anchor, bias=bias)
                 f = kernels.factorize(weight, factor, ranks[name],
                                       centered=self.options.centered, bias=bias,
                                       method=self.options.eigen_method)
                 f = f.astype(lin.weight.detach().numpy().dtype)   # an anchored target is float64
                 self._replace(block, prefix, name, lin, f, "input-gram" + ("+anchored" if anchored else ""))
-                del lin, f
+                del lin, f, weight, bias
 
     def _replace(self, block, prefix, name, lin, f: kernels.Factorization, route: str):
         # Process 0's factors on every process, bit for bit (another machine's BLAS may round otherwise).
@@ -226,15 +226,78 @@ class BlockCompressor:
                     cross.update(xd, x)
         return acc, cross
 
+    def _keep_neurons(self, block: nn.Module, dense: Optional[nn.Module], prefix: str, keep: int,
+                      hiddens, dense_hiddens, token_masks) -> None:
+        """The MLP keeps ``keep`` whole neurons: chosen on the Gram of its hidden activations
+        (compressed path), gate/up keep those rows, down_proj is refitted on them (to its
+        dense-anchored target when anchoring). Advances ``dense_hiddens`` past the dense MLP."""
+        a = self.adapter
+        mlp, norm2 = block.get_submodule(a.mlp), block.get_submodule(a.post_attention_norm)
+        inputs = [block.get_submodule(n) for n in a.stages[2].linears]
+        (down_name,) = a.stages[3].linears
+        down = block.get_submodule(down_name)
+        if any(m.bias is not None for m in inputs + [down]):
+            raise ValueError(f"{prefix}{a.mlp}: keeping whole neurons needs an MLP without biases")
+        n = down.in_features
+        label = f"inputs of {prefix}{down_name}"
+        acc = self._accumulator(n, label)
+        cross = self.comm.cross_accumulator(n, n, label) if dense_hiddens is not None else None
+        with _as_identity(mlp, a.down_proj):
+            for i, (h, m) in enumerate(zip(hiddens, token_masks)):
+                with self.timer("forward"):
+                    act = _rows(mlp(norm2(h.float())), m)
+                    if cross is not None:
+                        hd, dense_mlp = dense_hiddens[i], dense.get_submodule(a.mlp)
+                        with _as_identity(dense_mlp, a.down_proj) as dense_down:
+                            act_d = dense_mlp(norm2(hd.float()))
+                        hd.add_(dense_down(act_d))
+                        act_d = _rows(act_d, m)
+                with self.timer("statistics"):
+                    acc.update(act)
+                    if cross is not None:
+                        cross.update(act_d, act)
+        with self.timer("factorize"):
+            weight = down.weight.detach().numpy()
+            if cross is not None:
+                weight, _ = kernels.anchored_target(kernels.anchor_correction(acc, cross, ridge=self.options.ridge),
+                                                    weight, self.options.anchor)
+                del cross
+            # Groups of removals per greedy step: exact single removals up to SmolLM2's 1536
+            # neurons, ~1000 steps at most on wider MLPs (11008: 10 at a time).
+            sel = kernels.select_inputs(weight, acc, keep, ridge=self.options.ridge, block=max(1, n // 1024))
+            del acc
+        kept = np.ascontiguousarray(sel.kept, dtype=np.int64)
+        refit = np.ascontiguousarray(sel.weight)
+        self.comm.broadcast_arrays([kept, refit], "kept neurons")    # process 0's choice everywhere
+        dtype = down.weight.dtype
+        rows = torch.as_tensor(kept)
+        lost = float(sel.curve_loss[int(np.flatnonzero(np.asarray(sel.curve_kept) == keep)[0])])
+        energy = 1.0 if sel.total_energy <= 0 else max(0.0, 1.0 - lost / sel.total_energy)
+        with torch.inference_mode(False):
+            for name, lin in zip(a.stages[2].linears, inputs):
+                self._set(block, name, pruned_linear(lin.weight.detach()[rows].clone()))
+            self._set(block, down_name, pruned_linear(torch.as_tensor(refit).to(dtype)))
+        route = "neurons" + ("+anchored" if dense_hiddens is not None else "")
+        for name, lin in zip(list(a.stages[2].linears) + [down_name], inputs + [down]):
+            self.report.layers.append(LayerRecord(prefix + name, lin.out_features, lin.in_features, keep,
+                                                  energy, route))
+
+    @staticmethod
+    def _set(block: nn.Module, name: str, module: nn.Module) -> None:
+        parent, _, child = name.rpartition(".")
+        setattr(block.get_submodule(parent), child, module)
+
     # -- the block --------------------------------------------------------------------------
     @torch.inference_mode()
     def compress(self, block: nn.Module, prefix: str, hiddens: List[torch.Tensor], kwargs_list,
                  token_masks: List[torch.Tensor], ranks: Dict[str, int],
-                 dense_hiddens: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+                 dense_hiddens: Optional[List[torch.Tensor]] = None,
+                 neurons: Optional[int] = None) -> List[torch.Tensor]:
         """Compresses the linears of ``block`` named in ``ranks`` (relative names) and returns
-        the block's outputs, computed with the compressed block. With ``dense_hiddens`` (the
-        dense model's inputs of this block at the same tokens; dense-anchored targets), those
-        are advanced in place to the dense block's outputs."""
+        the block's outputs, computed with the compressed block. ``neurons``: the MLP keeps
+        that many whole neurons (its linears must not be in ``ranks``). With ``dense_hiddens``
+        (the dense model's inputs of this block at the same tokens; dense-anchored targets),
+        those are advanced in place to the dense block's outputs."""
         a = self.adapter
         anchoring = dense_hiddens is not None
         dense = copy.deepcopy(block) if anchoring else None   # the block as it was, for the dense path
@@ -290,7 +353,10 @@ class BlockCompressor:
         # (SmolLM2: 1.34 vs 1.47 GiB peak when freed and reallocated every block).
         mlp_in = [block.get_submodule(n) for n in stages[2].linears if n in ranks]
         scratch_bytes = sum(t.numel() * t.element_size() for t in self._scratch.values())
-        if sum(m.weight.numel() for m in mlp_in) * 8 > scratch_bytes:
+        peak_bytes = sum(m.weight.numel() for m in mlp_in) * 8
+        if neurons is not None:    # the neuron selection's float64 Gram and its inverse
+            peak_bytes = 2 * 8 * block.get_submodule(stages[3].linears[0]).in_features ** 2
+        if peak_bytes > scratch_bytes:
             self._scratch.clear()
 
         # 3. gate/up from the MLP input.
@@ -303,7 +369,9 @@ class BlockCompressor:
         # 4. down_proj from the MLP hidden activations (gate/up compressed).
         (down_name,) = stages[3].linears
         dense_outputs = None   # the output route keeps y = down(act) to finish the block cheaply
-        if down_name in ranks:
+        if neurons is not None:
+            self._keep_neurons(block, dense, prefix, neurons, hiddens, dense_hiddens, token_masks)
+        elif down_name in ranks:
             down = block.get_submodule(down_name)
             output_route = down.in_features > down.out_features
             width = down.out_features if output_route else down.in_features
@@ -404,9 +472,11 @@ def compress_blocks(source: BlockSource, input_ids: torch.Tensor, attention_mask
                     block_done: Optional[Callable[[int, nn.Module, torch.Tensor], None]] = None,
                     start_block: int = 0, start_hidden: Optional[Callable[[torch.Tensor], None]] = None,
                     report: Optional[CompressionReport] = None,
-                    comm: Optional[Communicator] = None) -> CompressionReport:
-    """Compresses the blocks of ``source`` named in ``ranks`` ({full module name: rank}), in
-    order, each on the outputs of the blocks already compressed.
+                    comm: Optional[Communicator] = None,
+                    neurons: Optional[Dict[str, int]] = None) -> CompressionReport:
+    """Compresses the blocks of ``source`` named in ``ranks`` ({full module name: rank}) and
+    ``neurons`` ({full MLP module name: kept neurons}), in order, each on the outputs of the
+    blocks already compressed.
 
     ``block_done(i, block, hidden)`` runs after block i, with ``hidden`` the next block's inputs
     (one tensor, all calibration sequences); releasing the block is up to it. To continue an
@@ -421,13 +491,16 @@ def compress_blocks(source: BlockSource, input_ids: torch.Tensor, attention_mask
     report = report if report is not None else CompressionReport()
     timer = StageTimer(report.seconds)
     adapter = source.adapter
-    block_of = {n: adapter.block_index(n) for n in ranks}
-    known = set(source.shape().shapes)
-    unknown = sorted(n for n in ranks if n not in known)
+    neurons = dict(neurons or {})
+    shape = source.shape()
+    unknown = sorted(n for n in ranks if n not in shape.shapes) + sorted(n for n in neurons if n not in shape.mlps)
     if unknown:
         raise ValueError(f"plan names layers this model does not have: {unknown[:5]}")
-    not_dense = [n for n in ranks if block_of[n] >= start_block
-                 and not isinstance(source.model.get_submodule(n), nn.Linear)]
+    plans.check_neurons(shape, ranks, neurons, "plan")
+    block_of = {n: adapter.block_index(n) for n in list(ranks) + list(neurons)}
+    touched = list(ranks) + [n for mlp in neurons for n in shape.mlps[mlp][0] + (shape.mlps[mlp][1],)]
+    not_dense = [n for n in touched if block_of.get(n, adapter.block_index(n)) >= start_block
+                 and type(source.model.get_submodule(n)) is not nn.Linear]
     if not_dense:
         raise ValueError(f"layers are already compressed (not nn.Linear): {not_dense[:5]}")
     last_needed = max(block_of.values(), default=-1)
@@ -455,7 +528,8 @@ def compress_blocks(source: BlockSource, input_ids: torch.Tensor, attention_mask
             block = source.load_block(i)
         prefix = adapter.block_prefix(i)
         block_ranks = {n[len(prefix):]: r for n, r in ranks.items() if block_of[n] == i}
-        compressor.compress(block, prefix, hiddens, kwargs_list, token_masks, block_ranks, dense_hiddens)
+        compressor.compress(block, prefix, hiddens, kwargs_list, token_masks, block_ranks, dense_hiddens,
+                            neurons.get(prefix + adapter.mlp))
         if block_done:
             with timer("write"):
                 block_done(i, block, buffer)

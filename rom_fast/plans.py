@@ -1,7 +1,9 @@
-"""Rank plans: which linear gets which rank.
+"""Rank plans: which linear gets which rank, which MLP keeps how many neurons.
 
-A plan is a ``{module name: rank}`` mapping (layers absent stay dense) plus a description,
-saved with the compressed model. Budgets are fractions of the model's *total* parameter count
+A plan is a ``{module name: rank}`` mapping (layers absent stay dense), an optional
+``{MLP module name: kept neurons}`` mapping (that MLP keeps whole neurons instead: gate/up
+keep those rows, down_proj is refitted on them) and a description, saved with the
+compressed model. Budgets are fractions of the model's *total* parameter count
 (embeddings included), as in the paper's tables.
 """
 
@@ -16,7 +18,7 @@ from typing import Dict, Optional, Tuple, Union
 from torch import nn
 
 from rom_fast.adapters import ModelAdapter
-from rom_fast.lowrank import lowrank_params, saves_parameters
+from rom_fast.lowrank import lowrank_params, mlp_neuron_params, saves_parameters
 
 # The paper's LLaMA-7B recipes: (kept ratio, last k of 32 blocks, module budget).
 PAPER_RECIPES: Dict[str, Tuple[float, int, float]] = {
@@ -31,9 +33,17 @@ class RankPlan:
     ranks: Dict[str, int]
     description: str
     details: dict = field(default_factory=dict)
+    neurons: Dict[str, int] = field(default_factory=dict)   # {MLP module name: kept neurons}
 
     def to_json(self) -> dict:
-        return {"ranks": dict(self.ranks), "description": self.description, "details": self.details}
+        out = {"ranks": dict(self.ranks), "description": self.description, "details": self.details}
+        if self.neurons:
+            out["neurons"] = dict(self.neurons)
+        return out
+
+    def modules(self):
+        """Every module name the plan changes (linears and MLPs)."""
+        return list(self.ranks) + list(self.neurons)
 
 
 @dataclass(frozen=True)
@@ -43,33 +53,65 @@ class ModelShape:
     from a model object or from a weightless skeleton alike."""
 
     shapes: Dict[str, Tuple[int, int]]     # {module name: (d_out, d_in)}, in block order
-    block_of: Dict[str, int]               # {module name: block index}
+    block_of: Dict[str, int]               # {module name: block index}, MLP module names too
     n_blocks: int
     total_params: int
+    # {MLP module name: (its input linears (gate, up), its down_proj)}, full names
+    mlps: Dict[str, Tuple[Tuple[str, ...], str]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, adapter: ModelAdapter, total: Optional[int] = None) -> "ModelShape":
-        shapes, block_of = {}, {}
+        shapes, block_of, mlps = {}, {}, {}
+        (down,) = adapter.stages[3].linears
         for i, block in enumerate(adapter.blocks()):
+            prefix = adapter.block_prefix(i)
             for rel in adapter.linear_names():
                 lin = block.get_submodule(rel)
-                name = adapter.block_prefix(i) + rel
-                shapes[name] = (lin.out_features, lin.in_features)
-                block_of[name] = i
+                shapes[prefix + rel] = (lin.out_features, lin.in_features)
+                block_of[prefix + rel] = i
+            mlps[prefix + adapter.mlp] = (tuple(prefix + n for n in adapter.stages[2].linears), prefix + down)
+            block_of[prefix + adapter.mlp] = i
         return cls(shapes, block_of, adapter.n_blocks,
-                   total_params(adapter.model) if total is None else int(total))
+                   total_params(adapter.model) if total is None else int(total), mlps)
+
+    def mlp_size(self, mlp: str) -> Tuple[int, int]:
+        """(d_model, intermediate neurons) of an MLP module."""
+        return self.shapes[self.mlps[mlp][1]]
 
 
 def total_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() is tie-aware
 
 
-def kept_params(total: int, shapes: Dict[str, Tuple[int, int]], ranks: Dict[str, int]) -> int:
+def kept_params(total: int, shapes: Dict[str, Tuple[int, int]], ranks: Dict[str, int],
+                neurons: Optional[Dict[str, int]] = None, shape: Optional["ModelShape"] = None) -> int:
+    """Parameters left when ``ranks`` (and ``neurons``, which needs ``shape``) are applied."""
     kept = total
     for name, r in ranks.items():
         d_out, d_in = shapes[name]
         kept += lowrank_params(d_out, d_in, r) - d_out * d_in
+    for mlp, k in (neurons or {}).items():
+        d_model, n = shape.mlp_size(mlp)
+        kept += mlp_neuron_params(d_model, k) - mlp_neuron_params(d_model, n)
     return kept
+
+
+def check_neurons(shape: ModelShape, ranks: Dict[str, int], neurons: Dict[str, int], source: str) -> Dict[str, int]:
+    """Kept-neuron counts ``{MLP module name: k}``: known MLPs, 1 <= k < intermediate size,
+    and none of the MLP's linears also given a rank."""
+    out = {}
+    for mlp, k in neurons.items():
+        if mlp not in shape.mlps:
+            raise ValueError(f"{source}: {mlp!r} is not an MLP of this model")
+        d_model, n = shape.mlp_size(mlp)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
+            raise ValueError(f"{source}: kept neurons of {mlp} must be an integer in [1, {n - 1}], got {k!r}")
+        inputs, down = shape.mlps[mlp]
+        both = [n for n in inputs + (down,) if n in ranks]
+        if both:
+            raise ValueError(f"{source}: {mlp} keeps {k} neurons, so its linears take no rank: {both}")
+        out[mlp] = k
+    return out
 
 
 def module_rank(d_out: int, d_in: int, budget: float) -> int:
@@ -159,9 +201,11 @@ def recipe_for_budget(shape: ModelShape, ratio: float) -> RankPlan:
                        label=f"paper recipe at {ratio:.0%}: last {k} of {n_blocks} blocks")
 
 
-def explicit_plan(shape: ModelShape, ranks: Dict[str, int], source: str = "explicit ranks") -> RankPlan:
+def explicit_plan(shape: ModelShape, ranks: Dict[str, int], source: str = "explicit ranks",
+                  neurons: Optional[Dict[str, int]] = None) -> RankPlan:
     """Checks user-given ranks ``{module name: rank}``: known layers, positive integers, and
-    never more parameters than the dense layer. ``source`` prefixes the error messages."""
+    never more parameters than the dense layer; and kept neurons ``{MLP name: k}`` (see
+    :func:`check_neurons`). ``source`` prefixes the error messages."""
     shapes = shape.shapes
     plan = {}
     for name, r in ranks.items():
@@ -173,15 +217,26 @@ def explicit_plan(shape: ModelShape, ranks: Dict[str, int], source: str = "expli
         if not saves_parameters(d_out, d_in, r):
             raise ValueError(f"{source}: rank {r} for {name} ({d_out}x{d_in}) would not save parameters")
         plan[name] = r
+    kept_neurons = check_neurons(shape, plan, neurons or {}, source)
     total = shape.total_params
-    kept = kept_params(total, shapes, plan)
+    kept = kept_params(total, shapes, plan, kept_neurons, shape)
     return RankPlan(plan, source, {"kind": "explicit", "kept_params": kept, "total_params": total,
-                                   "ratio": kept / total})
+                                   "ratio": kept / total}, kept_neurons)
 
 
-def read_ranks_file(path: Union[str, Path]) -> Dict[str, int]:
-    """A JSON object ``{module name: rank}`` (or ``{"ranks": {...}}``, as ``rom-fast plan --json``
-    writes it), with the file named in every error."""
+def split_plan(obj: dict) -> Tuple[Dict[str, int], Dict[str, int]]:
+    """(ranks, neurons) of ``{module name: rank}`` or ``{"ranks": {...}, "neurons": {...}}``."""
+    if isinstance(obj.get("ranks"), dict):
+        neurons = obj.get("neurons", {})
+        if not isinstance(neurons, dict):
+            raise ValueError("plan: 'neurons' must map MLP module names to kept neuron counts")
+        return obj["ranks"], neurons
+    return obj, {}
+
+
+def read_ranks_file(path: Union[str, Path]) -> dict:
+    """A JSON object ``{module name: rank}`` (or ``{"ranks": {...}, "neurons": {...}}``, as
+    ``rom-fast plan --json`` writes it), with the file named in every error."""
     try:
         data = json.loads(Path(path).read_text())
     except OSError as exc:
@@ -191,9 +246,12 @@ def read_ranks_file(path: Union[str, Path]) -> Dict[str, int]:
     ranks = data.get("ranks", data) if isinstance(data, dict) else None
     if not isinstance(ranks, dict):
         raise ValueError(f"ranks file {path}: expected a JSON object mapping module names to ranks")
+    if isinstance(data.get("neurons"), dict) and data["neurons"]:
+        return {"ranks": ranks, "neurons": data["neurons"]}
     return ranks
 
 
 def ranks_from_file(shape: ModelShape, path: Union[str, Path]) -> RankPlan:
-    """Explicit ranks from a JSON file (see :func:`read_ranks_file`)."""
-    return explicit_plan(shape, read_ranks_file(path), f"explicit ranks from {Path(path).name}")
+    """Explicit ranks (and kept neurons) from a JSON file (see :func:`read_ranks_file`)."""
+    ranks, neurons = split_plan(read_ranks_file(path))
+    return explicit_plan(shape, ranks, f"explicit ranks from {Path(path).name}", neurons)
