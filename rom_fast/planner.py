@@ -23,7 +23,7 @@ import dataclasses
 import heapq
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,12 +34,18 @@ from rom_fast import kernels, plans
 from rom_fast.adapters import ModelAdapter
 from rom_fast.blockwise import capture_block_inputs
 from rom_fast.distributed import Communicator
-from rom_fast.lowrank import lowrank_params
+from rom_fast.lowrank import lowrank_params, mlp_neuron_params
 from rom_fast.pipeline import StageTimer
 from rom_fast.safetensors_index import write_safetensors
 from rom_fast.sources import BlockSource, release_freed_memory
 
 WEIGHTINGS = ("fisher", "energy", "tail")
+# How an MLP may be compressed: low-rank linears, whole neurons kept (gate/up rows, down_proj
+# refitted), or whichever the planner's curves say loses less ("auto").
+MLP_STRUCTURES = ("auto", "lowrank", "neurons")
+DEFAULT_MLP_STRUCTURE = "lowrank"
+# Greedy neuron removal in the planner takes about this many steps per MLP (exact curve points).
+NEURON_CURVE_STEPS = 256
 # Sensitivities are per-layer means: 32 sequences plan as well as 128 on SmolLM2 (WikiText-2
 # perplexity 69.48 vs 69.44 at 80%, 945 vs 1019 at 50%; bench/README.md) at 58% of the time.
 DEFAULT_GRAD_SAMPLES = 32
@@ -54,10 +60,17 @@ class LayerSpectrum:
     d_in: int
     eigenvalues: np.ndarray
     sensitivity: float          # E‖∂L/∂y‖² / d_out per token
+    # On an MLP's down_proj: the loss of keeping fewer of its input neurons, (kept counts
+    # descending from d_in, output error energy of the greedy set with down_proj refitted).
+    neuron_curve: Optional[Tuple[np.ndarray, np.ndarray]] = None
 
     def to_json(self) -> dict:
-        return {"d_out": self.d_out, "d_in": self.d_in, "sensitivity": self.sensitivity,
-                "eigenvalues": [float(v) for v in self.eigenvalues]}
+        out = {"d_out": self.d_out, "d_in": self.d_in, "sensitivity": self.sensitivity,
+               "eigenvalues": [float(v) for v in self.eigenvalues]}
+        if self.neuron_curve is not None:
+            out["neuron_curve"] = {"kept": [int(k) for k in self.neuron_curve[0]],
+                                   "loss": [float(v) for v in self.neuron_curve[1]]}
+        return out
 
 
 @torch.no_grad()
@@ -83,13 +96,24 @@ def _frozen(module: nn.Module):
 
 
 def _block_statistics(adapter: ModelAdapter, block: nn.Module, prefix: str, token_mask: List[torch.Tensor],
-                      timer: StageTimer, comm: Communicator):
+                      timer: StageTimer, comm: Communicator, neuron_curves: bool = False):
     """Forward hooks accumulating, on the real tokens, the Gram each stage's spectra need: one
     shared input Gram for q/k/v and for gate/up, the output Gram of each linear whose input is
-    wider than its output (down_proj). Returns (accumulators, output-route flags, handles)."""
+    wider than its output (down_proj), and with ``neuron_curves`` down_proj's input Gram too
+    (under the key ``NEURONS + name``). Returns (accumulators, output-route flags, handles)."""
     accs: Dict[str, kernels.GramAccumulator] = {}
     output_route: Dict[str, bool] = {}
     handles = []
+    if neuron_curves:
+        (down,) = adapter.stages[3].linears
+        mod = block.get_submodule(down)
+        accs[NEURONS + down] = comm.gram_accumulator(mod.in_features, f"inputs of {prefix}{down} (planner)",
+                                                     precision=_precision(mod.in_features))
+
+        def neuron_hook(_m, args, _out):
+            with timer("statistics"):
+                accs[NEURONS + down].update(args[0].detach()[token_mask[0]].float())
+        handles.append(mod.register_forward_hook(neuron_hook))
     for stage in adapter.stages:
         lead = block.get_submodule(stage.linears[0])
         for rel in (stage.linears if lead.in_features > lead.out_features else stage.linears[:1]):
@@ -107,10 +131,31 @@ def _block_statistics(adapter: ModelAdapter, block: nn.Module, prefix: str, toke
     return accs, output_route, handles
 
 
+NEURONS = "neurons:"   # key prefix of the down_proj input Gram among a block's accumulators
+
+
+def _precision(dim: int) -> str:
+    from rom_fast.pipeline import FLOAT32_GRAM_MIN_DIM
+    return "float32" if dim >= FLOAT32_GRAM_MIN_DIM else "float64"
+
+
+def neuron_curve(weight, gram) -> Tuple[np.ndarray, np.ndarray]:
+    """(kept counts from d_in down to 1, output error energy) of greedy neuron removal with
+    the weight refitted (:func:`kernels.select_inputs`), about NEURON_CURVE_STEPS exact points."""
+    n = weight.shape[1]
+    sel = kernels.select_inputs(weight, gram, n, curve_to=1, block=max(1, n // NEURON_CURVE_STEPS))
+    return np.asarray(sel.curve_kept, dtype=np.int64), np.clip(np.asarray(sel.curve_loss, dtype=np.float64), 0.0, None)
+
+
 def _block_spectra(adapter: ModelAdapter, block: nn.Module, prefix: str, accs, output_route):
     """Spectra of a block's linears, one stage at a time: each shared input factor is built
-    once, and each Gram is dropped as soon as its stage is done (``accs`` is emptied)."""
+    once, and each Gram is dropped as soon as its stage is done (``accs`` is emptied). A
+    down_proj input Gram (``NEURONS``) becomes its MLP's neuron curve."""
     out = {}
+    curves = {}
+    for key in [k for k in accs if k.startswith(NEURONS)]:
+        rel = key[len(NEURONS):]
+        curves[rel] = neuron_curve(block.get_submodule(rel).weight.detach().numpy(), accs.pop(key))
     for stage in adapter.stages:
         shared = None
         for rel in stage.linears:
@@ -121,7 +166,7 @@ def _block_spectra(adapter: ModelAdapter, block: nn.Module, prefix: str, accs, o
                 if shared is None:
                     shared = kernels.input_factor(accs.pop(stage.linears[0]))
                 vals = _spectrum(mod.weight, shared, output_gram=False)
-            out[prefix + rel] = (mod.out_features, mod.in_features, vals)
+            out[prefix + rel] = (mod.out_features, mod.in_features, vals, curves.get(rel))
     return out
 
 
@@ -131,7 +176,8 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
                     workdir: Optional[str] = None,
                     seconds: Optional[Dict[str, float]] = None,
                     grad_samples: Optional[int] = DEFAULT_GRAD_SAMPLES,
-                    comm: Optional[Communicator] = None) -> Dict[str, LayerSpectrum]:
+                    comm: Optional[Communicator] = None,
+                    neuron_curves: bool = False) -> Dict[str, LayerSpectrum]:
     """Spectra and sensitivities of every compressible linear of the dense model, one block in
     memory at a time, so a streamed 70B model is planned in the memory one block takes.
 
@@ -144,6 +190,9 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
        autograd and backpropagated from the gradient of its output; the squared gradients of
        every linear's outputs are summed; the gradient of its input goes to the block below.
        Parameters get no gradients.
+
+    With ``neuron_curves``, every down_proj's input Gram is accumulated too and turned into its
+    MLP's neuron curve (:func:`neuron_curve`), for plans that keep whole neurons.
 
     The result equals a whole-model forward and backward (the chain rule, split at block
     boundaries; inputs are saved exactly in ``activation_dtype``). ``grad_samples``: the
@@ -180,7 +229,8 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
                 if n_grad:
                     with timer("io"):
                         write_safetensors(saved[i], {"hidden": hidden[:n_grad]})
-                raw.update(_forward_block(source, i, hidden, kwargs_list, masks, batch_size, timer, comm))
+                raw.update(_forward_block(source, i, hidden, kwargs_list, masks, batch_size, timer, comm,
+                                          neuron_curves))
                 if bar is not None:
                     bar.update(1)
             if n_grad:
@@ -209,8 +259,8 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
     sums = np.array([grad_sq[n] for n in names] + [float(attention_mask[:n_grad].sum())], dtype=np.float64)
     comm.all_reduce(sums, "planner sensitivities")
     n_tokens = max(sums[-1], 1.0)
-    return {name: LayerSpectrum(name, d_out, d_in, vals, float(sums[k]) / n_tokens / d_out)
-            for k, (name, (d_out, d_in, vals)) in enumerate(raw.items())}
+    return {name: LayerSpectrum(name, d_out, d_in, vals, float(sums[k]) / n_tokens / d_out, curve)
+            for k, (name, (d_out, d_in, vals, curve)) in enumerate(raw.items())}
 
 
 def _check_positive(n) -> int:
@@ -220,15 +270,16 @@ def _check_positive(n) -> int:
 
 
 def _forward_block(source: BlockSource, i: int, hidden: torch.Tensor, kwargs_list, masks, batch_size: int,
-                   timer: StageTimer, comm: Communicator) -> Dict[str, tuple]:
+                   timer: StageTimer, comm: Communicator, neuron_curves: bool = False) -> Dict[str, tuple]:
     """Block i over every sequence, in place in ``hidden``, with its stages' Grams accumulated
-    on the way; returns its linears' ``{name: (d_out, d_in, eigenvalues)}``."""
+    on the way; returns its linears' ``{name: (d_out, d_in, eigenvalues, neuron curve or None)}``."""
     adapter = source.adapter
     with timer("load"):
         block = source.load_block(i)
     try:
         current = [masks[0]]           # the micro-batch's real-token mask, for the hooks
-        accs, output_route, handles = _block_statistics(adapter, block, adapter.block_prefix(i), current, timer, comm)
+        accs, output_route, handles = _block_statistics(adapter, block, adapter.block_prefix(i), current, timer,
+                                                        comm, neuron_curves)
         try:
             with timer("forward"), torch.inference_mode():
                 for v, kw, m in zip(hidden.split(batch_size), kwargs_list, masks):
@@ -339,54 +390,153 @@ def _hull_options(s: LayerSpectrum, weighting: str):
     return hull
 
 
-def allocate(spectra: Dict[str, LayerSpectrum], total_params: int, ratio: float,
-             weighting: str = "fisher") -> Dict[str, int]:
-    """Ranks ``{name: rank}`` (dense layers absent) minimising the weighted truncation loss with
-    the whole model keeping at most ``ratio`` of ``total_params``."""
+@dataclasses.dataclass(frozen=True)
+class _Option:
+    """One way to compress a planning unit (a linear, or an MLP's three linears together)."""
+    params: int
+    loss: float
+    ranks: Tuple[Tuple[str, int], ...] = ()     # linears made low-rank (absent: dense)
+    neurons: Optional[int] = None               # the MLP keeps this many neurons
+
+
+def _lower_hull(points: List[_Option]) -> List[_Option]:
+    """The lower convex hull of (params, loss), from the most parameters to the fewest."""
+    best: Dict[int, _Option] = {}
+    for pt in points:
+        if pt.params not in best or pt.loss < best[pt.params].loss:
+            best[pt.params] = pt
+    hull: List[_Option] = []
+    for pt in sorted(best.values(), key=lambda o: -o.params):   # monotone chain
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # keep b only if it lies below the segment a -> pt
+            if (b.loss - a.loss) * (a.params - pt.params) >= (pt.loss - a.loss) * (a.params - b.params):
+                hull.pop()
+            else:
+                break
+        hull.append(pt)
+    return hull
+
+
+def _linear_hull(name: str, s: LayerSpectrum, weighting: str) -> List[_Option]:
+    return [_Option(p, l, () if r is None else ((name, r),)) for p, l, r in _hull_options(s, weighting)]
+
+
+def _sum_of_hulls(hulls: List[List[_Option]]) -> List[_Option]:
+    """The hull of independent choices for several linears (their Minkowski sum): one walk
+    along every hull's segments, in order of loss per parameter saved."""
+    steps = sorted(((_slope_of(h[j], h[j + 1]), i, j) for i, h in enumerate(hulls) for j in range(len(h) - 1)))
+    pos = [0] * len(hulls)
+    points = [_combine([h[0] for h in hulls])]
+    for _, i, j in steps:
+        pos[i] = j + 1
+        points.append(_combine([h[p] for h, p in zip(hulls, pos)]))
+    return points
+
+
+def _combine(options: List[_Option]) -> _Option:
+    return _Option(sum(o.params for o in options), sum(o.loss for o in options),
+                   tuple(x for o in options for x in o.ranks))
+
+
+def _slope_of(a: _Option, b: _Option) -> float:
+    return (b.loss - a.loss) / (a.params - b.params)
+
+
+def _neuron_weight(s: LayerSpectrum, weighting: str) -> float:
+    """The factor that puts a down_proj's output error energy on its low-rank tails' scale."""
+    if weighting == "fisher":
+        return s.sensitivity
+    if weighting == "energy":
+        total = float(s.eigenvalues.sum())
+        return 1.0 / total if total > 0 else 0.0
+    return 1.0
+
+
+def _mlp_hull(mlp: str, linears: Tuple[str, ...], spectra: Dict[str, LayerSpectrum], weighting: str,
+              structure: str) -> List[_Option]:
+    """Every way to compress one MLP: its linears low-rank (independently), or whole neurons
+    kept (the down_proj's neuron curve); the lower envelope of what ``structure`` allows."""
+    points = [_Option(sum(spectra[n].d_out * spectra[n].d_in for n in linears), 0.0)]
+    if structure in ("auto", "lowrank"):
+        points += _sum_of_hulls([_linear_hull(n, spectra[n], weighting) for n in linears])
+    down = spectra[linears[-1]]
+    if structure in ("auto", "neurons") and down.neuron_curve is not None:
+        w = _neuron_weight(down, weighting)
+        for k, loss in zip(*down.neuron_curve):
+            if 1 <= k < down.d_in:
+                points.append(_Option(mlp_neuron_params(down.d_out, int(k)), w * float(loss), neurons=int(k)))
+    return _lower_hull(points)
+
+
+def allocate_plan(spectra: Dict[str, LayerSpectrum], total_params: int, ratio: float,
+                  weighting: str = "fisher", mlps: Optional[Dict[str, Tuple[Tuple[str, ...], str]]] = None,
+                  structure: str = "lowrank") -> Tuple[Dict[str, int], Dict[str, int]]:
+    """``(ranks, neurons)``: per-linear ranks and per-MLP kept neurons minimising the weighted
+    loss with the whole model keeping at most ``ratio`` of ``total_params``. ``mlps`` ({MLP
+    name: (input linears, down_proj)}) with ``structure`` "auto" or "neurons" lets each MLP keep
+    whole neurons instead (its down_proj's spectrum must carry a neuron curve)."""
     ratio = plans.check_budget(ratio)
-    hulls = {n: _hull_options(s, weighting) for n, s in spectra.items()}
-    dense_sum = sum(h[0][0] for h in hulls.values())
-    allowed = ratio * total_params - (total_params - dense_sum)   # params the linears may keep
-    floor = sum(h[-1][0] for h in hulls.values())
-    if allowed < floor:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if structure not in MLP_STRUCTURES:
+        raise ValueError(f"MLP structure must be one of {MLP_STRUCTURES}, got {structure!r}")
+    units: Dict[str, List[_Option]] = {}
+    grouped = set()
+    if structure != "lowrank":
+        for mlp, (inputs, down) in (mlps or {}).items():
+            linears = tuple(inputs) + (down,)
+            if all(n in spectra for n in linears) and spectra[down].neuron_curve is not None:
+                units[mlp] = _mlp_hull(mlp, linears, spectra, weighting, structure)
+                grouped.update(linears)
+    for n, s in spectra.items():
+        if n not in grouped:
+            units[n] = _linear_hull(n, s, weighting)
+    dense_sum = sum(h[0].params for h in units.values())
+    allowed = ratio * total_params - (total_params - dense_sum)   # params the compressible layers may keep
+    if allowed < sum(h[-1].params for h in units.values()):
         raise ValueError(f"a budget of {ratio:.0%} is below what rank 1 everywhere keeps")
     # Greedy along each convex hull = the Lagrangian solution, one segment at a time: always
     # take the step with the smallest loss increase per parameter saved.
-    pos = {n: 0 for n in hulls}
+    pos = {n: 0 for n in units}
     kept = dense_sum
-    heap = []
-    for n, h in hulls.items():
-        if len(h) > 1:
-            heapq.heappush(heap, (_slope(h, 0), n))
+    heap = [(_slope_of(h[0], h[1]), n) for n, h in units.items() if len(h) > 1]
+    heapq.heapify(heap)
     while kept > allowed and heap:
         _, n = heapq.heappop(heap)
-        h, i = hulls[n], pos[n]
-        kept -= h[i][0] - h[i + 1][0]
+        h, i = units[n], pos[n]
+        kept -= h[i].params - h[i + 1].params
         pos[n] = i + 1
         if i + 2 < len(h):
-            heapq.heappush(heap, (_slope(h, i + 1), n))
-    ranks = {n: hulls[n][i][2] for n, i in pos.items() if hulls[n][i][2] is not None}
-    # The last hull step may overshoot: give parameters back one rank at a time where they
-    # buy the most loss, while the plan still fits.
-    ranks = _refill(spectra, ranks, allowed - sum(_params(spectra[n], ranks.get(n)) for n in spectra),
-                    weighting)
-    return ranks
+            heapq.heappush(heap, (_slope_of(h[i + 1], h[i + 2]), n))
+    ranks: Dict[str, int] = {}
+    neurons: Dict[str, int] = {}
+    for n, i in pos.items():
+        opt = units[n][i]
+        ranks.update(dict(opt.ranks))
+        if opt.neurons is not None:
+            neurons[n] = opt.neurons
+    # The last hull step may overshoot: give parameters back where they buy the most loss
+    # (one rank, or the next neuron count on the curve), while the plan still fits.
+    return _refill(spectra, ranks, neurons, mlps or {}, allowed - kept, weighting)
 
 
-def _slope(hull, i) -> float:
-    (p0, l0, _), (p1, l1, _) = hull[i], hull[i + 1]
-    return (l1 - l0) / (p0 - p1)
+def allocate(spectra: Dict[str, LayerSpectrum], total_params: int, ratio: float,
+             weighting: str = "fisher") -> Dict[str, int]:
+    """Ranks ``{name: rank}`` (dense layers absent) minimising the weighted truncation loss with
+    the whole model keeping at most ``ratio`` of ``total_params`` (every layer low-rank)."""
+    return allocate_plan(spectra, total_params, ratio, weighting)[0]
 
 
 def _params(s: LayerSpectrum, rank: Optional[int]) -> int:
     return s.d_out * s.d_in if rank is None else lowrank_params(s.d_out, s.d_in, rank)
 
 
-def _refill(spectra, ranks, spare: float, weighting: str) -> Dict[str, int]:
-    ranks = dict(ranks)
+def _refill(spectra, ranks, neurons, mlps, spare: float, weighting: str):
+    ranks, neurons = dict(ranks), dict(neurons)
     curves = {n: _loss_curve(spectra[n], weighting) for n in ranks}
     while True:
-        best, best_gain = None, 0.0
+        best, best_gain, best_cost = None, 0.0, 0
         for n, r in ranks.items():
             s = spectra[n]
             cost = s.d_out + s.d_in
@@ -396,28 +546,50 @@ def _refill(spectra, ranks, spare: float, weighting: str) -> Dict[str, int]:
                 continue
             gain = (curves[n][r] - curves[n][r + 1]) / cost
             if gain > best_gain:
-                best, best_gain = n, gain
+                best, best_gain, best_cost = ("rank", n), gain, cost
+        for mlp, k in neurons.items():
+            down = spectra[mlps[mlp][1]]
+            kept, loss = down.neuron_curve
+            j = int(np.flatnonzero(kept == k)[0])
+            if j == 0 or kept[j - 1] >= down.d_in:
+                continue
+            cost = mlp_neuron_params(down.d_out, int(kept[j - 1]) - k)
+            gain = _neuron_weight(down, weighting) * (loss[j] - loss[j - 1]) / cost
+            if cost <= spare and gain > best_gain:
+                best, best_gain, best_cost = ("neurons", mlp, int(kept[j - 1])), gain, cost
         if best is None:
-            return ranks
-        ranks[best] += 1
-        spare -= spectra[best].d_out + spectra[best].d_in
+            return ranks, neurons
+        if best[0] == "rank":
+            ranks[best[1]] += 1
+        else:
+            neurons[best[1]] = best[2]
+        spare -= best_cost
 
 
 def planned(shape: plans.ModelShape, ratio: float, spectra: Dict[str, LayerSpectrum],
-            weighting: str = "fisher") -> plans.RankPlan:
-    """A RankPlan from :func:`allocate`, with the details a user needs to audit it."""
+            weighting: str = "fisher", structure: str = "lowrank") -> plans.RankPlan:
+    """A RankPlan from :func:`allocate_plan`, with the details a user needs to audit it."""
     total = shape.total_params
-    ranks = allocate(spectra, total, ratio, weighting)
-    kept = plans.kept_params(total, shape.shapes, ranks)
+    ranks, neurons = allocate_plan(spectra, total, ratio, weighting, shape.mlps, structure)
+    kept = plans.kept_params(total, shape.shapes, ranks, neurons, shape)
     retained = {}
     for n, s in spectra.items():
         e = s.eigenvalues.sum()
         retained[n] = 1.0 if n not in ranks or e <= 0 else float(s.eigenvalues[:ranks[n]].sum() / e)
-    return plans.RankPlan(ranks, f"planned ({weighting}-weighted spectra) for {ratio:.0%} of all parameters",
-                          {"kind": "planned", "weighting": weighting, "target_ratio": ratio,
-                           "kept_params": kept, "total_params": total, "ratio": kept / total,
-                           "retained_energy": retained,
-                           "sensitivity": {n: s.sensitivity for n, s in spectra.items()}})
+    for mlp, k in neurons.items():
+        down = spectra[shape.mlps[mlp][1]]
+        e = down.eigenvalues.sum()
+        kept_k, loss = down.neuron_curve
+        lost = float(loss[int(np.flatnonzero(kept_k == k)[0])])
+        retained[shape.mlps[mlp][1]] = 1.0 if e <= 0 else max(0.0, 1.0 - lost / e)
+    what = "low-rank layers" if structure == "lowrank" else \
+        "low-rank layers or whole MLP neurons" if structure == "auto" else "whole MLP neurons, low-rank attention"
+    details = {"kind": "planned", "weighting": weighting, "target_ratio": ratio, "structure": structure,
+               "kept_params": kept, "total_params": total, "ratio": kept / total,
+               "retained_energy": retained,
+               "sensitivity": {n: s.sensitivity for n, s in spectra.items()}}
+    return plans.RankPlan(ranks, f"planned ({weighting}-weighted spectra; {what}) for {ratio:.0%} of all parameters",
+                          details, neurons)
 
 
 def plot_plan(spectra: Dict[str, LayerSpectrum], plan: plans.RankPlan, shape: plans.ModelShape,
@@ -429,18 +601,19 @@ def plot_plan(spectra: Dict[str, LayerSpectrum], plan: plans.RankPlan, shape: pl
     import matplotlib.pyplot as plt
 
     kinds: Dict[str, list] = {}
+    kept_fraction = {n: k / shape.mlp_size(mlp)[1] for mlp, k in plan.neurons.items()
+                     for n in shape.mlps[mlp][0] + (shape.mlps[mlp][1],)}
     for name, s in spectra.items():
         kind = name.rsplit(".", 1)[-1]
         full = min(s.d_out, s.d_in)
-        rank = plan.ranks.get(name, full)
-        kinds.setdefault(kind, []).append((shape.block_of[name], rank / full,
-                                           plan.details["retained_energy"][name]))
+        frac = kept_fraction.get(name, plan.ranks.get(name, full) / full)
+        kinds.setdefault(kind, []).append((shape.block_of[name], frac, plan.details["retained_energy"][name]))
     fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     for kind, pts in kinds.items():
         blocks, frac, energy = zip(*pts)
         axes[0].plot(blocks, frac, marker=".", label=kind)
         axes[1].plot(blocks, energy, marker=".", label=kind)
-    axes[0].set_ylabel("rank / full rank")
+    axes[0].set_ylabel("rank / full rank\n(kept neurons / all)")
     axes[1].set_ylabel("retained output energy")
     axes[1].set_xlabel("block")
     axes[0].set_title(plan.description)
