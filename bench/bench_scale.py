@@ -36,20 +36,24 @@ def module_rank(d_out: int, d_in: int, budget: float = MODULE_BUDGET) -> int:
     return int(budget * d_out * d_in / (d_out + d_in))
 
 
-def uniform_ranks(n_blocks: int) -> dict:
-    return {f"model.layers.{i}.{n}": module_rank(*s) for i in range(n_blocks) for n, s in SHAPES.items()}
+def uniform_ranks(n_blocks: int, mlp_neurons: int = 0) -> dict:
+    """The uniform plan; with ``mlp_neurons`` every MLP keeps that many whole neurons instead."""
+    ranks = {f"model.layers.{i}.{n}": module_rank(*s) for i in range(n_blocks) for n, s in SHAPES.items()
+             if not (mlp_neurons and n.startswith("mlp."))}
+    neurons = {f"model.layers.{i}.mlp": mlp_neurons for i in range(n_blocks)} if mlp_neurons else {}
+    return {"ranks": ranks, "neurons": neurons}
 
 
 # -- memory and time per block ------------------------------------------------------------
 def child_compress(directory: str, n_samples: int, seq_len: int, activation_dtype: str, anchor: float = 0.0,
-                   gram_precision: str = "auto") -> None:
+                   gram_precision: str = "auto", mlp_neurons: int = 0) -> None:
     """Runs in its own process; prints one JSON line (its peak_rss_bytes: VmHWM, its own)."""
     import rom_fast
     n_blocks = json.loads(open(os.path.join(directory, "config.json")).read())["num_hidden_layers"]
     ids = random_token_ids(n_samples, seq_len)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(directory)) as tmp:
         out = os.path.join(tmp, "rom")
-        summary = rom_fast.compress(directory, calibration=ids, ranks=uniform_ranks(n_blocks), out=out,
+        summary = rom_fast.compress(directory, calibration=ids, ranks=uniform_ranks(n_blocks, mlp_neurons), out=out,
                                     activation_dtype=activation_dtype, progress=False, anchor=anchor,
                                     gram_precision=gram_precision).summary
     print("RESULT " + json.dumps(summary), flush=True)
@@ -63,7 +67,7 @@ def bench_memory(a) -> None:
     for n in a.blocks:
         directory = write_llama7b_shaped(os.path.join(a.workdir, f"llama7b-{n}"), n)
         cmd = [sys.executable, __file__, "_child", str(directory), str(a.n_samples), str(a.seq_len),
-               a.activation_dtype, str(a.anchor), a.gram_precision]
+               a.activation_dtype, str(a.anchor), a.gram_precision, str(a.mlp_neurons)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
@@ -72,7 +76,8 @@ def bench_memory(a) -> None:
         sec = s["seconds"]
         products = sec.get("factorize", 0.0) - sec.get("eigensolver", 0.0)
         other = sec["total"] - sec.get("forward", 0) - sec.get("statistics", 0) - sec.get("factorize", 0)
-        row = {"blocks": n, "n_samples": a.n_samples, "seq_len": a.seq_len, "anchor": a.anchor, "gram_precision": a.gram_precision,
+        row = {"blocks": n, "n_samples": a.n_samples, "seq_len": a.seq_len, "anchor": a.anchor,
+               "gram_precision": a.gram_precision, "mlp_neurons": a.mlp_neurons,
                "activation_dtype": a.activation_dtype, "peak_rss_bytes": s["peak_rss_bytes"],
                "seconds": sec, "params_before": s["params_before"], "params_after": s["params_after"]}
         rows.append(row)
@@ -80,7 +85,8 @@ def bench_memory(a) -> None:
               f"| {sec.get('forward', 0) / n:.1f} | {sec.get('statistics', 0) / n:.1f} "
               f"| {sec.get('eigensolver', 0) / n:.1f} | {products / n:.1f} | {other / n:.1f} |", flush=True)
     _write(f"scale_memory_{a.n_samples}x{a.seq_len}_{a.activation_dtype}{'_anchor' if a.anchor else ''}"
-           f"{'' if a.gram_precision == 'auto' else '_gram' + a.gram_precision}.json",
+           f"{'' if a.gram_precision == 'auto' else '_gram' + a.gram_precision}"
+           f"{f'_neurons{a.mlp_neurons}' if a.mlp_neurons else ''}.json",
            {"command": "python bench/bench_scale.py " + " ".join(sys.argv[1:]), "rows": rows})
 
 
@@ -175,7 +181,8 @@ def _write(name: str, payload: dict) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         child_compress(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5],
-                       float(sys.argv[6]) if len(sys.argv) > 6 else 0.0, sys.argv[7] if len(sys.argv) > 7 else "auto")
+                       float(sys.argv[6]) if len(sys.argv) > 6 else 0.0, sys.argv[7] if len(sys.argv) > 7 else "auto",
+                       int(sys.argv[8]) if len(sys.argv) > 8 else 0)
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -186,6 +193,8 @@ def main() -> None:
     m.add_argument("--activation-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     m.add_argument("--anchor", type=float, default=0.0, help="dense-anchored targets (compress's anchor=)")
     m.add_argument("--gram-precision", default="auto", choices=["auto", "float32", "float64"])
+    m.add_argument("--mlp-neurons", type=int, default=0,
+                   help="every MLP keeps this many whole neurons instead of low-rank linears (80%%: 5064 of 11008)")
     m.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "rom_fast_synth"))
     b = sub.add_parser("block-math")
     b.add_argument("--tokens", type=int, default=16384, help="tokens behind each synthetic Gram")
