@@ -27,15 +27,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 
-def factorized(model, ranks: dict):
+def factorized(model, ranks: dict, neurons: dict = None):
+    """A copy with the plan's structure and random weights in the compressed layers: low-rank
+    ``ranks`` and, for ``neurons`` ({MLP name: k}), MLPs keeping k neurons."""
     from rom_fast.lowrank import apply_structure
     model = copy.deepcopy(model)
-    apply_structure(model, {n: {"rank": r} for n, r in ranks.items()})
+    layers = {n: {"rank": r} for n, r in ranks.items()}
+    for mlp, k in (neurons or {}).items():
+        d = model.get_submodule(mlp + ".down_proj").out_features
+        for n in ("gate_proj", "up_proj"):
+            layers[f"{mlp}.{n}"] = {"structure": "pruned", "out_features": k, "in_features": d}
+        layers[f"{mlp}.down_proj"] = {"structure": "pruned", "out_features": d, "in_features": k}
+    apply_structure(model, layers)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for n in ranks:
+        for n, spec in layers.items():
             m = model.get_submodule(n)
-            for lin in (m.reduce, m.expand):
+            for lin in ((m,) if spec.get("structure") == "pruned" else (m.reduce, m.expand)):
                 lin.weight.normal_(0, lin.in_features ** -0.5, generator=gen)
     return model.eval()
 
@@ -70,6 +78,8 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--structures", help="SmolLM2: also time every plan of this bench_structures.py result "
+                                        "(e.g. bench/results/structures.json), MLPs keeping neurons included")
     a = p.parse_args()
 
     import transformers
@@ -83,15 +93,19 @@ def main() -> None:
         variants = {}
         for ratio in ("0.80", "0.50"):
             rows = json.load(open(os.path.join(ROOT, "bench", "results", f"planner_{ratio}.json")))["rows"]
-            variants[f"{float(ratio):.0%} (planner)"] = next(r for r in rows if r["label"] == "planner (fisher)")["ranks"]
+            variants[f"{float(ratio):.0%} (planner)"] = (next(r for r in rows if r["label"] == "planner (fisher)")["ranks"], {})
+        if a.structures:
+            for r in json.load(open(a.structures))["rows"]:
+                if r["anchor"] == 0:      # the weights do not matter for speed, the structure does
+                    variants[f"{r['ratio']:.0%} ({r['structure']} MLPs)"] = (r["ranks"], r["neurons"])
     else:
         from bench_scale import SHAPES, module_rank
         from synth_llama import LLAMA_7B
         cfg = transformers.LlamaConfig(**LLAMA_7B, num_hidden_layers=a.blocks)
         torch.manual_seed(0)
         dense = transformers.LlamaForCausalLM(cfg).eval()
-        variants = {f"linears at {b:.0%}": {f"model.layers.{i}.{n}": module_rank(*s, budget=b)
-                                           for i in range(a.blocks) for n, s in SHAPES.items()}
+        variants = {f"linears at {b:.0%}": ({f"model.layers.{i}.{n}": module_rank(*s, budget=b)
+                                            for i in range(a.blocks) for n, s in SHAPES.items()}, {})
                     for b in (0.46, 0.33)}
     vocab = dense.config.vocab_size
     print(f"| model | variant | params | prefill tok/s ({a.prompt}) | decode tok/s | prefill vs dense | decode vs dense |")
@@ -106,8 +120,8 @@ def main() -> None:
               f"{pre / base['prefill_tok_s']:.2f}x | {dec / base['decode_tok_s']:.2f}x |", flush=True)
 
     report("dense", dense)
-    for label, ranks in variants.items():
-        model = factorized(dense, ranks)
+    for label, (ranks, neurons) in variants.items():
+        model = factorized(dense, ranks, neurons)
         report(f"{label}, two linears", model)
         chosen = rom_fast.choose_execution(model, tokens=1)
         merged = sum(c == "merged" for c in chosen.values())

@@ -85,8 +85,9 @@ class PlanRequest:
             raise ValueError(f"weighting must be one of {planner.WEIGHTINGS}, got {self.weighting!r}")
         if self.mlp_structure not in planner.MLP_STRUCTURES:
             raise ValueError(f"mlp_structure must be one of {planner.MLP_STRUCTURES}, got {self.mlp_structure!r}")
-        if self.mlp_structure != planner.DEFAULT_MLP_STRUCTURE and not self.uses_planner:
-            raise ValueError("mlp_structure= is the rank planner's choice: give it with budget= alone")
+        if self.mlp_structure == "neurons" and not self.uses_planner:
+            raise ValueError("mlp_structure='neurons' is the rank planner's choice: give it with budget= alone "
+                             "(recipes and last_k= are low-rank; ranks= takes {'ranks': ..., 'neurons': ...})")
         _check_int("planner_samples", self.planner_samples, 1)
         _check_int("planner_grad_samples", self.planner_grad_samples, 1)
         if self.ranks is not None and not isinstance(self.ranks, dict):

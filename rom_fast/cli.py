@@ -47,7 +47,7 @@ def _add_compress(sub) -> None:
     p.add_argument("--mlp", choices=["auto", "lowrank", "neurons"], default=None, dest="mlp_structure",
                    help="how the planner may compress each MLP: auto (low-rank linears or whole kept neurons, "
                         "whichever its curves say loses less), lowrank, or neurons (gate/up keep whole rows, "
-                        "down_proj refitted on them); default: rom_fast.planner.DEFAULT_MLP_STRUCTURE")
+                        "down_proj refitted on them); default: auto")
     p.add_argument("--planner-samples", type=int, default=128,
                    help="calibration sequences the planner's spectra use")
     p.add_argument("--planner-grad-samples", type=int, default=32,
@@ -98,7 +98,7 @@ def _add_plan(sub) -> None:
     p.add_argument("--mlp", choices=["auto", "lowrank", "neurons"], default=None, dest="mlp_structure",
                    help="how the planner may compress each MLP: auto (low-rank linears or whole kept neurons, "
                         "whichever its curves say loses less), lowrank, or neurons (gate/up keep whole rows, "
-                        "down_proj refitted on them); default: rom_fast.planner.DEFAULT_MLP_STRUCTURE")
+                        "down_proj refitted on them); default: auto")
     p.add_argument("--json", help="write {ranks, neurons, details} here (input for compress --ranks)")
     p.add_argument("--png", help="plot ranks and retained energy per layer to this PNG")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward/backward pass")

@@ -42,6 +42,9 @@ from rom_fast.sources import BlockSource, release_freed_memory
 # torch's float32 X^T X at d = 1536/4096/11008, but 0.62x at 576 (bench/README.md, "Gram").
 FLOAT32_GRAM_MIN_DIM = 1536
 
+# Greedy neuron selection removes about n / NEURON_GROUPS neurons per exact step.
+NEURON_GROUPS = 256
+
 # The anchor weight alpha a run uses unless told (bench/README.md, "Dense-anchored targets").
 DEFAULT_ANCHOR = 0.0
 
@@ -262,9 +265,9 @@ class BlockCompressor:
                 weight, _ = kernels.anchored_target(kernels.anchor_correction(acc, cross, ridge=self.options.ridge),
                                                     weight, self.options.anchor)
                 del cross
-            # Groups of removals per greedy step: exact single removals up to SmolLM2's 1536
-            # neurons, ~1000 steps at most on wider MLPs (11008: 10 at a time).
-            sel = kernels.select_inputs(weight, acc, keep, ridge=self.options.ridge, block=max(1, n // 1024))
+            # n/256 removals per greedy step (SmolLM2: 6, 7B: 43): each step is a rank-g update of
+            # the n x n inverse, memory-bound for g = 1 (one at a time: 3.5x the time at 576 x 1536).
+            sel = kernels.select_inputs(weight, acc, keep, ridge=self.options.ridge, block=max(1, n // NEURON_GROUPS))
             del acc
         kept = np.ascontiguousarray(sel.kept, dtype=np.int64)
         refit = np.ascontiguousarray(sel.weight)

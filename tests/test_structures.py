@@ -379,3 +379,15 @@ def test_planned_auto_plan_fits_and_names_each_structure():
         for mlp in plan.neurons:
             inputs, down = shape.mlps[mlp]
             assert not any(n in plan.ranks for n in inputs + (down,))
+
+
+def test_a_plan_file_with_neurons_is_read_whole(tmp_path):
+    """`rom-fast plan --json` writes {ranks, neurons, ...}; compress --ranks FILE keeps both."""
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"ranks": {"model.layers.0.self_attn.q_proj": 8},
+                                "neurons": {"model.layers.2.mlp": 40}, "description": "x", "details": {}}))
+    ids, _ = _calib(8, 16)
+    result = rom_fast.compress(_tiny(), calibration=ids, ranks=str(path), progress=False)
+    assert result.plan.ranks == {"model.layers.0.self_attn.q_proj": 8}
+    assert result.plan.neurons == {"model.layers.2.mlp": 40}
+    assert "plan.json" in result.plan.description
