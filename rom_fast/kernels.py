@@ -306,8 +306,15 @@ def _integer(value, name: str) -> int:
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
 
 
+def _gram_is_fresh(acc) -> bool:
+    """Whether ``acc.gram`` builds a new array on every read (the core accumulator's does), so
+    that the kernel may consume it; a subclass that overrides the property may share one
+    (ReducedGramAccumulator keeps its reduced Gram)."""
+    return type(acc).gram in (GramAccumulator.__dict__["gram"], _core.GramAccumulator.gram)
+
+
 def select_inputs(weight, gram, keep: int, *, ridge: float = 1e-3, block: int = 1,
-                  curve_to: Optional[int] = None) -> InputSelection:
+                  curve_to: Optional[int] = None, overwrite_gram: bool = False) -> InputSelection:
     """Structured input pruning of ``weight`` (d × n, float32/float64): keep ``keep`` of its n
     input columns (an MLP's intermediate neurons, read by down_proj) and refit it on them.
 
@@ -316,14 +323,33 @@ def select_inputs(weight, gram, keep: int, *, ridge: float = 1e-3, block: int = 
     remaining ones of smallest ``‖W_R[:,i]‖² / (H_R⁻¹)_ii``, ties to the lower index), on
     ``H = C + λI`` with ``λ = ridge · mean diag C``; removal continues down to ``curve_to``
     kept columns (default ``keep``) for the loss curve. See :class:`InputSelection`.
+
+    The kernel factors and inverts H in an n × n float64 workspace (0.97 GB at n = 11008). By
+    default that is a copy and ``gram`` is left unchanged. ``overwrite_gram=True`` makes a
+    ``gram`` array the workspace: it must be a writable, C-contiguous float64 numpy array (or a
+    torch CPU tensor viewing one) and holds unspecified values afterwards; the result is bitwise
+    the same. A read-only or non-contiguous array is refused (ValueError), another dtype too
+    (TypeError), before anything is written: it is never copied behind the caller's back.
+    An accumulator is never changed: a plain GramAccumulator's ``gram`` is a fresh copy, which
+    the kernel always consumes (no second copy); an accumulator whose ``gram`` may be shared
+    (ReducedGramAccumulator) is copied as before, and refused with ``overwrite_gram=True``
+    (read ``acc.gram``, drop the accumulator, pass the array).
     """
     w = as_array(weight, "weight")
     if isinstance(gram, _core.GramAccumulator):
+        fresh = _gram_is_fresh(gram)
+        if overwrite_gram and not fresh:
+            raise ValueError(f"gram: a {type(gram).__name__} may share the array its gram property "
+                             "returns, so overwrite_gram=True would corrupt it; pass acc.gram "
+                             "(and drop the accumulator) instead")
         g = gram.gram     # the Python property: a data-parallel accumulator sums over processes
+        consume = fresh
     else:
         g = as_array(gram, "gram")
+        consume = bool(overwrite_gram)
     raw = _core.select_inputs(w, g, _integer(keep, "keep"), float(ridge), _integer(block, "block"),
-                              None if curve_to is None else _integer(curve_to, "curve_to"))
+                              None if curve_to is None else _integer(curve_to, "curve_to"), consume)
+    del g
     return InputSelection(raw["kept"], raw["removed"], raw["curve_kept"], raw["curve_loss"],
                           raw["weight"], float(raw["total_energy"]), float(raw["lambda"]))
 

@@ -232,3 +232,90 @@ def test_bad_inputs_are_refused():
     # A "Gram" that is not PSD makes H indefinite: refused by LAPACK, not answered.
     with pytest.raises(kernels.LapackError, match="dpotrf"):
         sel(w, -np.eye(6), 4)
+
+
+def _same_selection(a, b):
+    for field in ("kept", "removed", "curve_kept", "curve_loss", "weight"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert x.dtype == y.dtype and x.shape == y.shape, field
+        np.testing.assert_array_equal(x, y, err_msg=field)
+    assert a.total_energy == b.total_energy and a.lambda_ == b.lambda_
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("block,keep,curve_to", [(1, 30, 12), (3, 17, 5), (8, 40, 1), (5, 40, None)])
+@pytest.mark.parametrize("d", [4, 30])     # n - keep above and below d: both refit branches
+def test_overwrite_gram_is_bitwise_the_copy(dtype, block, keep, curve_to, d):
+    n = 40
+    _, w, c = _problem(n, d, 20 + d, tokens=25)      # singular C
+    w = w.astype(dtype)
+    original = c.copy()
+    ref = kernels.select_inputs(w, c, keep, block=block, curve_to=curve_to)
+    np.testing.assert_array_equal(c, original)         # the copying call leaves it alone
+    work = c.copy()
+    got = kernels.select_inputs(w, work, keep, block=block, curve_to=curve_to, overwrite_gram=True)
+    _same_selection(ref, got)
+    assert not np.array_equal(work, original)         # consumed: it was the workspace
+
+    t = torch.from_numpy(c.copy())                     # a tensor is consumed through its view
+    _same_selection(ref, kernels.select_inputs(torch.from_numpy(w), t, keep, block=block,
+                                               curve_to=curve_to, overwrite_gram=True))
+    assert not torch.equal(t, torch.from_numpy(original))
+
+
+def test_overwrite_gram_with_accumulators():
+    x, w, c = _problem(15, 4, 21)
+    acc = kernels.GramAccumulator(15)
+    acc.update(x)
+    before = acc.gram
+    ref = kernels.select_inputs(w, before.copy(), 9, curve_to=4)
+    for overwrite in (False, True):    # its gram is a fresh copy: consumed, the accumulator kept
+        _same_selection(ref, kernels.select_inputs(w, acc, 9, curve_to=4, overwrite_gram=overwrite))
+        np.testing.assert_array_equal(acc.gram, before)
+
+    class Shared(kernels.GramAccumulator):     # like ReducedGramAccumulator: one shared array
+        @property
+        def gram(self):
+            if not hasattr(self, "_kept"):
+                self._kept = super().gram
+            return self._kept
+
+    shared = Shared(15)
+    shared.update(x)
+    _same_selection(ref, kernels.select_inputs(w, shared, 9, curve_to=4))
+    np.testing.assert_array_equal(shared.gram, before)            # copied, not consumed
+    with pytest.raises(ValueError, match="gram: a Shared may share"):
+        kernels.select_inputs(w, shared, 9, curve_to=4, overwrite_gram=True)
+    np.testing.assert_array_equal(shared.gram, before)
+
+
+def test_overwrite_gram_refuses_what_it_cannot_consume():
+    _, w, c = _problem(6, 2, 22)
+    sel = kernels.select_inputs
+
+    ro = c.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="gram must be writable"):
+        sel(w, ro, 4, overwrite_gram=True)
+    sel(w, ro, 4)                                   # reading it is fine
+    fortran = np.asfortranarray(c)
+    with pytest.raises(ValueError, match="gram must be C-contiguous"):
+        sel(w, fortran, 4, overwrite_gram=True)
+    np.testing.assert_array_equal(fortran, c)
+    with pytest.raises(TypeError, match="gram must have dtype float64"):
+        sel(w, c.astype(np.float32), 4, overwrite_gram=True)
+    big = np.zeros((12, 6))                         # not a view onto a contiguous n x n block
+    big[::2] = c
+    with pytest.raises(ValueError, match="C-contiguous"):
+        sel(w, big[::2], 4, overwrite_gram=True)
+    np.testing.assert_array_equal(big[::2], c)
+
+    # A bad argument is refused before anything is written.
+    work = c.copy()
+    with pytest.raises(ValueError, match="keep"):
+        sel(w, work, 0, overwrite_gram=True)
+    np.testing.assert_array_equal(work, c)
+    # The weight must not live in the Gram it overwrites (the kernel reads the weight again).
+    with pytest.raises(ValueError, match="overlap"):
+        sel(work[:2], work, 4, overwrite_gram=True)
+    np.testing.assert_array_equal(work, c)

@@ -472,9 +472,13 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "select_inputs",
       [](const py::object& wo, const py::object& go, index_t keep, double ridge, index_t block,
-         std::optional<index_t> curve_to) {
+         std::optional<index_t> curve_to, bool overwrite_gram) {
         py::array w = checked(wo, "weight", 2, Want::Either);
         py::array g = checked(go, "gram", 2, Want::F64);
+        if (overwrite_gram && !g.writeable()) {
+          throw py::value_error("gram must be writable to be overwritten (overwrite_gram=True); "
+                                "pass overwrite_gram=False to work on a copy");
+        }
         const index_t d = w.shape(0), n = w.shape(1);
         if (g.shape(0) != g.shape(1)) {
           throw py::value_error("gram must be square, got " + std::to_string(g.shape(0)) + " x " +
@@ -489,14 +493,23 @@ PYBIND11_MODULE(_core, m) {
         options.ridge = ridge;
         options.block = block;
         options.curve_to = curve_to;
-        const double* gp = static_cast<const double*>(g.data());
+        double* gp = overwrite_gram ? static_cast<double*>(g.mutable_data()) : nullptr;
+        const double* gc = static_cast<const double*>(g.data());
+        const bool f32 = is_f32(w);
         rom_fast::InputSelection s;
         {
           py::gil_scoped_release release;
-          s = is_f32(w) ? rom_fast::select_inputs(static_cast<const float*>(w.data()), d, n, gp,
-                                                  keep, options)
-                        : rom_fast::select_inputs(static_cast<const double*>(w.data()), d, n, gp,
-                                                  keep, options);
+          if (overwrite_gram) {
+            s = f32 ? rom_fast::select_inputs_in_place(static_cast<const float*>(w.data()), d, n,
+                                                       gp, keep, options)
+                    : rom_fast::select_inputs_in_place(static_cast<const double*>(w.data()), d, n,
+                                                       gp, keep, options);
+          } else {
+            s = f32 ? rom_fast::select_inputs(static_cast<const float*>(w.data()), d, n, gc, keep,
+                                              options)
+                    : rom_fast::select_inputs(static_cast<const double*>(w.data()), d, n, gc, keep,
+                                              options);
+          }
         }
         const auto len = [](const auto& v) { return static_cast<py::ssize_t>(v.size()); };
         py::dict out;
@@ -510,5 +523,5 @@ PYBIND11_MODULE(_core, m) {
         return out;
       },
       py::arg("weight"), py::arg("gram"), py::arg("keep"), py::arg("ridge"), py::arg("block"),
-      py::arg("curve_to") = py::none());
+      py::arg("curve_to") = py::none(), py::arg("overwrite_gram") = false);
 }

@@ -1,10 +1,12 @@
 // Checks of the greedy input selection on a small singular problem (the fuller float64 numpy
 // reference lives in tests/test_neurons.py): the refit against its normal equations, each
 // removal against a brute-force greedy over naive Cholesky refits, the curve against the loss
-// of each set's refit, the schedule of the groups, and the refused inputs.
+// of each set's refit, the schedule of the groups, the in-place variant against the copying
+// one (bitwise), and the refused inputs.
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 
 #include "check.hpp"
 #include "rom_fast/rom_fast.hpp"
@@ -195,6 +197,51 @@ int main() {
   const auto sa = rom_fast::select_inputs(w.data(), d, acc, keep, opt);
   CHECK(sa.removed == sel.removed);
   CHECK(check::rel_diff(sa.weight, sel.weight) < 1e-12);
+
+  // In place: bitwise the copying call's, for float64 and float32 weights, both refit branches
+  // (n - keep <= d and > d) and several group sizes; the Gram is consumed (changed).
+  {
+    const index_t n2 = 64, tokens2 = 40;   // singular again
+    const std::vector<double> x2 = check::randn(tokens2 * n2, 21);
+    std::vector<double> c2(n2 * n2, 0.0);
+    for (index_t t = 0; t < tokens2; ++t) {
+      for (index_t i = 0; i < n2; ++i) {
+        for (index_t j = 0; j < n2; ++j) c2[i * n2 + j] += x2[t * n2 + i] * x2[t * n2 + j];
+      }
+    }
+    const auto same = [](const rom_fast::InputSelection& a, const rom_fast::InputSelection& b) {
+      return a.kept == b.kept && a.removed == b.removed && a.curve_kept == b.curve_kept &&
+             a.curve_loss == b.curve_loss && a.weight == b.weight &&
+             a.total_energy == b.total_energy && a.lambda == b.lambda;
+    };
+    for (const index_t d2 : {5, 40}) {
+      const std::vector<double> w2 = check::randn(d2 * n2, 22);
+      const std::vector<float> w2f(w2.begin(), w2.end());
+      for (const auto& bk : {std::pair<index_t, index_t>{1, 54}, {4, 30}, {16, n2}}) {
+        rom_fast::SelectionOptions o;
+        o.block = bk.first;
+        o.curve_to = std::min<index_t>(bk.second, 20);
+        std::vector<double> work = c2;
+        const auto ref = rom_fast::select_inputs(w2.data(), d2, n2, c2.data(), bk.second, o);
+        const auto got = rom_fast::select_inputs_in_place(w2.data(), d2, n2, work.data(), bk.second, o);
+        CHECK(same(ref, got));
+        CHECK(work != c2);
+        work = c2;
+        const auto ref32 = rom_fast::select_inputs(w2f.data(), d2, n2, c2.data(), bk.second, o);
+        const auto got32 = rom_fast::select_inputs_in_place(w2f.data(), d2, n2, work.data(), bk.second, o);
+        CHECK(same(ref32, got32));
+      }
+    }
+    // Refused before anything is written: bad arguments, and a weight inside the Gram.
+    std::vector<double> work = c2;
+    const std::vector<double> w3 = check::randn(3 * n2, 23);
+    CHECK(check::throws<std::invalid_argument>(
+        [&] { rom_fast::select_inputs_in_place(w3.data(), 3, n2, work.data(), 0); }));
+    CHECK(work == c2);
+    CHECK(check::throws<std::invalid_argument>(
+        [&] { rom_fast::select_inputs_in_place(work.data() + n2, 3, n2, work.data(), 5); }));
+    CHECK(work == c2);
+  }
 
   // Refused inputs.
   using std::invalid_argument;

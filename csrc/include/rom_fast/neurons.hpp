@@ -62,25 +62,44 @@ struct InputSelection {
 };
 
 /// Greedy input selection for W (d x n, row-major; float32 is widened exactly, all arithmetic
-/// is float64) on the Gram `gram` (n x n, row-major, symmetric positive semidefinite).
+/// is float64) on the Gram `gram` (n x n, row-major, symmetric positive semidefinite), which
+/// is left unchanged (these entry points work on a private copy of it; see
+/// select_inputs_in_place for the variant without that copy).
 /// Ties between equal scores go to the lower column index (deterministic).
 /// Throws std::invalid_argument for d or n < 1, keep outside [1, n], curve_to outside
 /// [1, keep], block < 1, ridge not > 0 and finite, a non-finite weight, a non-finite or
 /// non-symmetric Gram, or d x n / n x n sizes that overflow; LapackError if H is not
 /// positive definite (e.g. a Gram that is not PSD) or the updated inverse loses
 /// definiteness (raise the ridge).
-/// Memory: about 8 (n^2 + 2 d n) bytes of float64 work besides the inputs (1.7 GB at
-/// d = 4096, n = 11008), freed before the refit allocates less. Flops: n^3 (inverse) + d n^2 (energy) +
-/// at most (n^2 + 2 d n) (n - curve_to) (greedy) + keep^3 / 3 +
+/// Memory: 8 n^2 bytes (the copy) plus select_inputs_in_place's. Flops: n^3 (inverse) +
+/// d n^2 (energy) + at most (n^2 + 2 d n) (n - curve_to) (greedy) + keep^3 / 3 +
 /// 2 keep (keep min(d, n - keep) + d (n - keep)) (refit): ~3 Tflop there at keep = 8806.
 InputSelection select_inputs(const float* weight, index_t d, index_t n, const double* gram,
                              index_t keep, const SelectionOptions& options = {});
 InputSelection select_inputs(const double* weight, index_t d, index_t n, const double* gram,
                              index_t keep, const SelectionOptions& options = {});
-/// The same with the Gram of an accumulator (n = gram.dim()).
+/// The same with the Gram of an accumulator (n = gram.dim()); the copy is GramAccumulator::gram().
 InputSelection select_inputs(const float* weight, index_t d, const GramAccumulator& gram,
                              index_t keep, const SelectionOptions& options = {});
 InputSelection select_inputs(const double* weight, index_t d, const GramAccumulator& gram,
                              index_t keep, const SelectionOptions& options = {});
+
+/// select_inputs with the caller's Gram as its workspace: CONSUMES `gram` (n x n, row-major,
+/// symmetric PSD, as above). The result is bitwise the copying entry points'. On return, and
+/// after a LapackError, the contents of `gram` are unspecified; a std::invalid_argument is
+/// thrown before anything is written (the checks above, and `weight` overlapping `gram`).
+/// How: H is factored and inverted, and the greedy updates the inverse, in the lower triangle
+/// of the buffer's column-major view (LAPACK/BLAS "L"; row-major gram[i * n + j], j >= i);
+/// the rest, gram[i * n + j] with j < i, is never written and keeps C for the refit, and
+/// diag C is saved first (8 n bytes).
+/// Memory: allocates no n x n buffer: 8 d n bytes (W_R, float64) during the greedy, then the
+/// refit's 8 d keep (the result) plus, with r = n - keep, at most 8 max(keep^2 + keep r,
+/// keep r + r d) when r <= d, else 8 max(keep r + r d + keep d, keep d + keep^2): at
+/// d = 4096, n = 11008, keep = 5064, 0.36 GB, then 0.77 GB (measured: a 0.80 GB peak over
+/// the inputs, bench/bench_neurons.py --in-place; the copying call 1.77 GB).
+InputSelection select_inputs_in_place(const float* weight, index_t d, index_t n, double* gram,
+                                      index_t keep, const SelectionOptions& options = {});
+InputSelection select_inputs_in_place(const double* weight, index_t d, index_t n, double* gram,
+                                      index_t keep, const SelectionOptions& options = {});
 
 }  // namespace rom_fast
