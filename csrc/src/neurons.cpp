@@ -300,9 +300,13 @@ void check_sizes(index_t d, index_t n, index_t keep, const SelectionOptions& opt
 }
 
 // The one implementation: `gram` is the workspace. Every check runs before it is written.
+// The refit reads C from the workspace's untouched triangle, or, for the copying entry points,
+// from the same elements of the caller's Gram (`source`, equal values), and then `copy` (the
+// workspace) is freed before the refit allocates.
 template <class T>
 InputSelection select_impl(const T* weight, index_t d, index_t n, double* gram, index_t keep,
-                           const SelectionOptions& options) {
+                           const SelectionOptions& options, const double* source = nullptr,
+                           std::vector<double>* copy = nullptr) {
   check_sizes(d, n, keep, options);
   const std::size_t wn = static_cast<std::size_t>(d * n);
   const index_t curve_to = options.curve_to.value_or(keep);
@@ -384,24 +388,27 @@ InputSelection select_impl(const T* weight, index_t d, index_t n, double* gram, 
   for (index_t c = 0; c < n; ++c) {
     if (!is_dropped[static_cast<std::size_t>(c)]) out.kept.push_back(c);
   }
-  out.weight = refit(weight, d, n, gram, diag, out.lambda, out.kept, dropped);
+  if (copy != nullptr) std::vector<double>().swap(*copy);
+  out.weight = refit(weight, d, n, source != nullptr ? source : gram, diag, out.lambda, out.kept,
+                     dropped);
   return out;
 }
 
-// The copying entry points: the in-place one on a private copy.
+// The copying entry points: the in-place one on a private copy, freed before the refit.
 template <class T>
 InputSelection select_copy(const T* weight, index_t d, index_t n, const double* gram,
                            index_t keep, const SelectionOptions& options) {
   check_sizes(d, n, keep, options);
   std::vector<double> work(gram, gram + static_cast<std::size_t>(n * n));
-  return select_impl(weight, d, n, work.data(), keep, options);
+  return select_impl(weight, d, n, work.data(), keep, options, gram, &work);
 }
 
 template <class T>
 InputSelection select_accumulated(const T* weight, index_t d, const GramAccumulator& gram,
                                   index_t keep, const SelectionOptions& options) {
   check_sizes(d, gram.dim(), keep, options);
-  std::vector<double> work = gram.gram();   // a fresh symmetric copy: consumed
+  // A fresh symmetric copy: consumed (and kept through the refit, which reads C from it).
+  std::vector<double> work = gram.gram();
   return select_impl(weight, d, gram.dim(), work.data(), keep, options);
 }
 

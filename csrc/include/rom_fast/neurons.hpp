@@ -71,7 +71,9 @@ struct InputSelection {
 /// non-symmetric Gram, or d x n / n x n sizes that overflow; LapackError if H is not
 /// positive definite (e.g. a Gram that is not PSD) or the updated inverse loses
 /// definiteness (raise the ridge).
-/// Memory: 8 n^2 bytes (the copy) plus select_inputs_in_place's. Flops: n^3 (inverse) +
+/// Memory: 8 n^2 bytes (the copy) plus select_inputs_in_place's greedy, then (the copy freed,
+/// the refit reading `gram`) its refit: at d = 4096, n = 11008, keep = 5064, 1.33 GB then
+/// 0.77 GB. The accumulator overloads keep their copy through the refit. Flops: n^3 (inverse) +
 /// d n^2 (energy) + at most (n^2 + 2 d n) (n - curve_to) (greedy) + keep^3 / 3 +
 /// 2 keep (keep min(d, n - keep) + d (n - keep)) (refit): ~3 Tflop there at keep = 8806.
 InputSelection select_inputs(const float* weight, index_t d, index_t n, const double* gram,
@@ -96,7 +98,7 @@ InputSelection select_inputs(const double* weight, index_t d, const GramAccumula
 /// refit's 8 d keep (the result) plus, with r = n - keep, at most 8 max(keep^2 + keep r,
 /// keep r + r d) when r <= d, else 8 max(keep r + r d + keep d, keep d + keep^2): at
 /// d = 4096, n = 11008, keep = 5064, 0.36 GB, then 0.77 GB (measured: a 0.80 GB peak over
-/// the inputs, bench/bench_neurons.py --in-place; the copying call 1.77 GB).
+/// the inputs, bench/bench_neurons.py --in-place).
 InputSelection select_inputs_in_place(const float* weight, index_t d, index_t n, double* gram,
                                       index_t keep, const SelectionOptions& options = {});
 InputSelection select_inputs_in_place(const double* weight, index_t d, index_t n, double* gram,
