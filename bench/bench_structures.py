@@ -84,13 +84,17 @@ def main() -> None:
             print(f"| {kept / shape.total_params:.3f} | {structure} | {alpha:g} | {len(plan.neurons)} | "
                   + " | ".join(f"{ppl[c]:.2f}" for c in a.corpora) + f" | {seconds:.1f} |", flush=True)
             del model
+            _write(a, calib, planner_seconds, results)     # after every row: a stopped run keeps its rows
+
+
+def _write(a, calib, planner_seconds: float, results: list) -> None:
     out = os.path.join(ROOT, "bench", "results", f"structures{a.tag}.json")
     with open(out, "w") as f:
         json.dump({"command": "python bench/bench_structures.py " + " ".join(
             ["--ratios " + " ".join(map(str, a.ratios)), "--rows " + " ".join(a.rows)]
             + ([f"--tag {a.tag}"] if a.tag else [])),
             "calibration": calib.description, "planner_seconds": planner_seconds, "rows": results}, f, indent=2)
-    print(f"written {out}")
+    print(f"written {out}", flush=True)
 
 
 if __name__ == "__main__":
