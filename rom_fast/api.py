@@ -266,6 +266,8 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
     mlp_structure: how the planner may compress each MLP: ``"auto"`` (whichever of low-rank
         linears or whole kept neurons its curves say loses less), ``"lowrank"`` or
         ``"neurons"`` (whole neurons kept: gate/up keep those rows, down_proj is refitted).
+        With ``merge=True`` "auto" plans low-rank layers only (a merged checkpoint has the base
+        architecture's single MLP width).
     out: the output directory, written block by block as a Hugging Face checkpoint (in the
         source's precision) under ``.<out>.partial`` and renamed into place when complete.
         An interrupted run (Ctrl-C, kill, power loss) continues from its last finished block
@@ -296,6 +298,11 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
     options = CompressionOptions(centered=centered, batch_size=_check_int("batch_size", batch_size, 1),
                                  activation_dtype=activation_dtype, anchor=float(anchor), ridge=float(ridge),
                                  gram_precision=gram_precision)
+    if merge and mlp_structure == "auto":
+        mlp_structure = "lowrank"     # a merged checkpoint is the base architecture: one MLP width
+    if merge and mlp_structure == "neurons":
+        raise ValueError("merge=True writes a plain checkpoint of the base architecture, whose MLPs all have "
+                         "intermediate_size neurons: mlp_structure='neurons' cannot be merged")
     request = PlanRequest(budget, recipe, ranks, last_k, weighting, planner_samples, planner_grad_samples,
                           mlp_structure)
     _check_int("n_samples", n_samples, 1)

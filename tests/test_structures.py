@@ -391,3 +391,16 @@ def test_a_plan_file_with_neurons_is_read_whole(tmp_path):
     assert result.plan.ranks == {"model.layers.0.self_attn.q_proj": 8}
     assert result.plan.neurons == {"model.layers.2.mlp": 40}
     assert "plan.json" in result.plan.description
+
+
+def test_merge_plans_low_rank_and_refuses_neurons():
+    """A merged checkpoint has the base architecture's one MLP width: budget= with merge=True
+    plans low-rank layers only, and an explicit neuron structure or plan is refused."""
+    ids, _ = _calib(12, 16)
+    result = rom_fast.compress(_tiny(), calibration=ids, budget=0.6, planner_samples=12, merge=True, progress=False)
+    assert not result.plan.neurons and result.plan.details["structure"] == "lowrank"
+    with pytest.raises(ValueError, match="cannot be merged"):
+        rom_fast.compress(_tiny(), calibration=ids, budget=0.6, merge=True, mlp_structure="neurons", progress=False)
+    with pytest.raises(ValueError, match="merge=True"):
+        rom_fast.compress(_tiny(), calibration=ids, ranks={"ranks": {}, "neurons": {"model.layers.0.mlp": 9}},
+                          merge=True, progress=False)
