@@ -593,7 +593,9 @@ def planned(shape: plans.ModelShape, ratio: float, spectra: Dict[str, LayerSpect
         e = down.eigenvalues.sum()
         kept_k, loss = down.neuron_curve
         lost = float(loss[int(np.flatnonzero(kept_k == k)[0])])
-        retained[shape.mlps[mlp][1]] = 1.0 if e <= 0 else max(0.0, 1.0 - lost / e)
+        inputs, down_name = shape.mlps[mlp]
+        for n in inputs + (down_name,):     # the MLP's output energy kept, on each of its linears
+            retained[n] = 1.0 if e <= 0 else max(0.0, 1.0 - lost / e)
     what = "low-rank layers" if structure == "lowrank" else \
         "low-rank layers or whole MLP neurons" if structure == "auto" else "whole MLP neurons, low-rank attention"
     details = {"kind": "planned", "weighting": weighting, "target_ratio": ratio, "structure": structure,
