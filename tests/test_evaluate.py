@@ -490,6 +490,8 @@ def test_cli_plan_compress_eval_on_a_directory(tmp_path, model_dir, tokenizer, c
     assert cfg["rom_fast"]["plan"]["ranks"] == plan["ranks"]          # same planner, same tokens
     summary = cfg["rom_fast"]["summary"]
     assert f"{summary['params_before']:,} -> {summary['params_after']:,}" in printed
+    if not os.path.isdir(SHARED_DATA):      # plan and compress ran; eval reads WikiText-2
+        pytest.skip(f"evaluation data not found at {SHARED_DATA}: rom-fast eval not run")
     assert main(["eval", str(out), "--max-windows", "1", "--window", "64", "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["parameters"] == summary["params_after"]
     # The same command again: out exists, refused in one line, nothing done.
