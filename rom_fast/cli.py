@@ -141,7 +141,7 @@ def run_plan(args) -> int:
           f"parameters ({plan.details['ratio']:.2%})")
     print(f"{'layer':44s} {'shape':>11s} {'rank':>6s} {'retained':>9s} {'sensitivity':>12s}")
     kept_neurons = {n: k for mlp, k in plan.neurons.items()
-                    for n in shape.mlps[mlp][0] + (shape.mlps[mlp][1],)}
+                    for n in shape.mlp_linears(mlp)}
     for name, s in spectra.items():
         rank = plan.ranks.get(name)
         what = f"n={kept_neurons[name]}" if name in kept_neurons else rank if rank else "dense"

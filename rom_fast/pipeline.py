@@ -33,7 +33,7 @@ from rom_fast import kernels, plans
 from rom_fast.adapters import ModelAdapter
 from rom_fast.blockwise import capture_block_inputs
 from rom_fast.distributed import Communicator
-from rom_fast.lowrank import from_factors, pruned_linear
+from rom_fast.lowrank import from_factors, pruned_linear, set_module
 from rom_fast.sources import BlockSource, release_freed_memory
 
 
@@ -284,17 +284,12 @@ class BlockCompressor:
         energy = 1.0 if sel.total_energy <= 0 else max(0.0, 1.0 - lost / sel.total_energy)
         with torch.inference_mode(False):
             for name, lin in zip(a.stages[2].linears, inputs):
-                self._set(block, name, pruned_linear(lin.weight.detach()[rows].clone()))
-            self._set(block, down_name, pruned_linear(torch.as_tensor(refit).to(dtype)))
+                set_module(block, name, pruned_linear(lin.weight.detach()[rows].clone()))
+            set_module(block, down_name, pruned_linear(torch.as_tensor(refit).to(dtype)))
         route = "neurons" + ("+anchored" if dense_hiddens is not None else "")
         for name, lin in zip(list(a.stages[2].linears) + [down_name], inputs + [down]):
             self.report.layers.append(LayerRecord(prefix + name, lin.out_features, lin.in_features, keep,
                                                   energy, route))
-
-    @staticmethod
-    def _set(block: nn.Module, name: str, module: nn.Module) -> None:
-        parent, _, child = name.rpartition(".")
-        setattr(block.get_submodule(parent), child, module)
 
     # -- the block --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -507,7 +502,7 @@ def compress_blocks(source: BlockSource, input_ids: torch.Tensor, attention_mask
         raise ValueError(f"plan names layers this model does not have: {unknown[:5]}")
     plans.check_neurons(shape, ranks, neurons, "plan")
     block_of = {n: adapter.block_index(n) for n in list(ranks) + list(neurons)}
-    touched = list(ranks) + [n for mlp in neurons for n in shape.mlps[mlp][0] + (shape.mlps[mlp][1],)]
+    touched = list(ranks) + [n for mlp in neurons for n in shape.mlp_linears(mlp)]
     not_dense = [n for n in touched if block_of.get(n, adapter.block_index(n)) >= start_block
                  and type(source.model.get_submodule(n)) is not nn.Linear]
     if not_dense:

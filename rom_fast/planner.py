@@ -593,8 +593,7 @@ def planned(shape: plans.ModelShape, ratio: float, spectra: Dict[str, LayerSpect
         e = down.eigenvalues.sum()
         kept_k, loss = down.neuron_curve
         lost = float(loss[int(np.flatnonzero(kept_k == k)[0])])
-        inputs, down_name = shape.mlps[mlp]
-        for n in inputs + (down_name,):     # the MLP's output energy kept, on each of its linears
+        for n in shape.mlp_linears(mlp):     # the MLP's output energy kept, on each of its linears
             retained[n] = 1.0 if e <= 0 else max(0.0, 1.0 - lost / e)
     what = "low-rank layers" if structure == "lowrank" else \
         "low-rank layers or whole MLP neurons" if structure == "auto" else "whole MLP neurons, low-rank attention"
@@ -616,7 +615,7 @@ def plot_plan(spectra: Dict[str, LayerSpectrum], plan: plans.RankPlan, shape: pl
 
     kinds: Dict[str, list] = {}
     kept_fraction = {n: k / shape.mlp_size(mlp)[1] for mlp, k in plan.neurons.items()
-                     for n in shape.mlps[mlp][0] + (shape.mlps[mlp][1],)}
+                     for n in shape.mlp_linears(mlp)}
     for name, s in spectra.items():
         kind = name.rsplit(".", 1)[-1]
         full = min(s.d_out, s.d_in)

@@ -74,6 +74,11 @@ class ModelShape:
         return cls(shapes, block_of, adapter.n_blocks,
                    total_params(adapter.model) if total is None else int(total), mlps)
 
+    def mlp_linears(self, mlp: str) -> Tuple[str, ...]:
+        """The full names of an MLP module's linears: its inputs (gate, up), then down_proj."""
+        inputs, down = self.mlps[mlp]
+        return tuple(inputs) + (down,)
+
     def mlp_size(self, mlp: str) -> Tuple[int, int]:
         """(d_model, intermediate neurons) of an MLP module."""
         return self.shapes[self.mlps[mlp][1]]
@@ -106,8 +111,7 @@ def check_neurons(shape: ModelShape, ranks: Dict[str, int], neurons: Dict[str, i
         d_model, n = shape.mlp_size(mlp)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
             raise ValueError(f"{source}: kept neurons of {mlp} must be an integer in [1, {n - 1}], got {k!r}")
-        inputs, down = shape.mlps[mlp]
-        both = [n for n in inputs + (down,) if n in ranks]
+        both = [n for n in shape.mlp_linears(mlp) if n in ranks]
         if both:
             raise ValueError(f"{source}: {mlp} keeps {k} neurons, so its linears take no rank: {both}")
         out[mlp] = k
