@@ -31,12 +31,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.8])
     p.add_argument("--rows", nargs="+", default=["lowrank:0", "auto:0", "auto:1"])
+    p.add_argument("--cells", nargs="+", default=None, metavar="RATIO/STRUCTURE:ALPHA",
+                   help="run exactly these cells, in order, instead of every ratio x row "
+                        "(e.g. 0.9/auto:0 0.5/neurons:0): fills gaps of an earlier run")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--windows", type=int, default=40, help="512-token windows of WikiText-2 test (FINDINGS: 40)")
     p.add_argument("--heldout-windows", type=int, default=16, help="512-token windows of each held-out text")
     p.add_argument("--corpora", nargs="+", default=list(CORPORA))
     p.add_argument("--tag", default="")
     a = p.parse_args()
+    cells = ([_cell(c) for c in a.cells] if a.cells
+             else [(ratio, spec) for ratio in a.ratios for spec in a.rows])
 
     import transformers
 
@@ -63,35 +68,42 @@ def main() -> None:
     results = []
     print("| kept | MLP structure | anchor | MLPs on neurons | " + " | ".join(a.corpora)
           + " | compress s |\n|---|---|---|---|" + "---|" * (len(a.corpora) + 1), flush=True)
-    for ratio in a.ratios:
-        for spec in a.rows:
-            structure, _, alpha = spec.partition(":")
-            alpha = float(alpha or 0)
-            plan = planned(shape, ratio, spectra, structure=structure)
-            model = copy.deepcopy(dense)
-            t0 = time.perf_counter()
-            rom_fast.compress(model, calibration=batch, ranks={"ranks": plan.ranks, "neurons": plan.neurons},
-                              progress=False, anchor=alpha)
-            seconds = time.perf_counter() - t0
-            ppl = {c: wikitext2_perplexity(model, tok, path=os.path.join(data, CORPORA[c]), window=512,
-                                           max_windows=a.windows if c == "wikitext2-test" else a.heldout_windows,
-                                           batch_size=4)["perplexity"] for c in a.corpora}
-            kept = plans.total_params(model)
-            results.append({"ratio": ratio, "structure": structure, "anchor": alpha, "kept_params": kept,
-                            "kept_ratio": kept / shape.total_params, "plan": plan.description,
-                            "ranks": plan.ranks, "neurons": plan.neurons, "perplexity": ppl,
-                            "compress_seconds": seconds})
-            print(f"| {kept / shape.total_params:.3f} | {structure} | {alpha:g} | {len(plan.neurons)} | "
-                  + " | ".join(f"{ppl[c]:.2f}" for c in a.corpora) + f" | {seconds:.1f} |", flush=True)
-            del model
-            _write(a, calib, planner_seconds, results)     # after every row: a stopped run keeps its rows
+    for ratio, spec in cells:
+        structure, _, alpha = spec.partition(":")
+        alpha = float(alpha or 0)
+        plan = planned(shape, ratio, spectra, structure=structure)
+        model = copy.deepcopy(dense)
+        t0 = time.perf_counter()
+        rom_fast.compress(model, calibration=batch, ranks={"ranks": plan.ranks, "neurons": plan.neurons},
+                          progress=False, anchor=alpha)
+        seconds = time.perf_counter() - t0
+        ppl = {c: wikitext2_perplexity(model, tok, path=os.path.join(data, CORPORA[c]), window=512,
+                                       max_windows=a.windows if c == "wikitext2-test" else a.heldout_windows,
+                                       batch_size=4)["perplexity"] for c in a.corpora}
+        kept = plans.total_params(model)
+        results.append({"ratio": ratio, "structure": structure, "anchor": alpha, "kept_params": kept,
+                        "kept_ratio": kept / shape.total_params, "plan": plan.description,
+                        "ranks": plan.ranks, "neurons": plan.neurons, "perplexity": ppl,
+                        "compress_seconds": seconds})
+        print(f"| {kept / shape.total_params:.3f} | {structure} | {alpha:g} | {len(plan.neurons)} | "
+              + " | ".join(f"{ppl[c]:.2f}" for c in a.corpora) + f" | {seconds:.1f} |", flush=True)
+        del model
+        _write(a, calib, planner_seconds, results)     # after every row: a stopped run keeps its rows
+
+
+def _cell(text: str):
+    ratio, sep, spec = text.partition("/")
+    if not sep or not spec:
+        raise SystemExit(f"--cells: {text!r} is not RATIO/STRUCTURE:ALPHA (e.g. 0.9/auto:0)")
+    return float(ratio), spec
 
 
 def _write(a, calib, planner_seconds: float, results: list) -> None:
     out = os.path.join(ROOT, "bench", "results", f"structures{a.tag}.json")
     with open(out, "w") as f:
         json.dump({"command": "python bench/bench_structures.py " + " ".join(
-            ["--ratios " + " ".join(map(str, a.ratios)), "--rows " + " ".join(a.rows)]
+            (["--cells " + " ".join(a.cells)] if a.cells
+             else ["--ratios " + " ".join(map(str, a.ratios)), "--rows " + " ".join(a.rows)])
             + ([f"--tag {a.tag}"] if a.tag else [])),
             "calibration": calib.description, "planner_seconds": planner_seconds, "rows": results}, f, indent=2)
     print(f"written {out}", flush=True)

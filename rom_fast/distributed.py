@@ -253,14 +253,27 @@ class ReducedGramAccumulator(_ReducedOnRead, kernels.GramAccumulator):
 
     def _state(self) -> tuple:
         if self._reduced is None:
-            self._reduced = self._reduce(super().gram, super().column_sum, super().count, _kind(self.label))
-            self.reset()        # the local sums are not needed any more
+            # take_gram: the local sums go into the exchange without a copy, and are not needed
+            # after it (the accumulator is spent, so a late update is refused by the core too).
+            self._reduced = self._reduce(super().take_gram(), super().column_sum, super().count,
+                                         _kind(self.label))
         return self._reduced
 
     @property
     def gram(self) -> np.ndarray:
         """The reduced Gram (shared, not a copy: a d x d float64 matrix is big)."""
-        return self._state()[0]
+        gram = self._state()[0]
+        if gram is None:
+            raise RuntimeError(f"{self.label}: its reduced Gram was handed over by take_gram()")
+        return gram
+
+    def take_gram(self) -> np.ndarray:
+        """The reduced Gram, handed over: this accumulator drops its reference (``gram`` then
+        raises), so the caller may overwrite it and holds the only copy."""
+        gram = self.gram
+        _, colsum, count = self._reduced
+        self._reduced = (None, colsum, count)
+        return gram
 
     @property
     def column_sum(self) -> np.ndarray:
@@ -271,8 +284,8 @@ class ReducedGramAccumulator(_ReducedOnRead, kernels.GramAccumulator):
         return self._state()[2]
 
     def centered_gram(self) -> np.ndarray:
-        gram, colsum, count = self._state()
-        return gram - np.outer(colsum, colsum) / max(count, 1)
+        _, colsum, count = self._state()
+        return self.gram - np.outer(colsum, colsum) / max(count, 1)
 
 
 class ReducedCrossGramAccumulator(_ReducedOnRead, kernels.CrossGramAccumulator):

@@ -8,6 +8,7 @@ Native work runs with the GIL released.
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
 import threading
 import dataclasses
@@ -77,6 +78,13 @@ class GramAccumulator(_core.GramAccumulator):
     def gram(self) -> np.ndarray:
         with self._lock:
             return _core.GramAccumulator.gram.__get__(self)
+
+    def take_gram(self) -> np.ndarray:
+        """The full Gram, handed over without a copy (the accumulator's own buffer: the caller
+        then holds the only d x d). The accumulator is spent: updating or reading its Gram
+        again raises RuntimeError until ``reset()``; ``count`` and ``column_sum`` stay."""
+        with self._lock:
+            return super().take_gram()
 
     @property
     def column_sum(self) -> np.ndarray:
@@ -313,6 +321,23 @@ def _gram_is_fresh(acc) -> bool:
     return type(acc).gram in (GramAccumulator.__dict__["gram"], _core.GramAccumulator.gram)
 
 
+def _check_selection_args(w: np.ndarray, n: int, keep: int, ridge: float, block: int,
+                          curve_to: Optional[int]) -> None:
+    """The core's argument checks, made before an accumulator is spent on the call."""
+    if w.dtype not in (np.float32, np.float64):
+        raise TypeError(f"select_inputs: weight must be float32 or float64, got {w.dtype}")
+    if w.ndim != 2 or w.shape[1] != n:
+        raise ValueError(f"select_inputs: weight {tuple(w.shape)} does not read the gram's {n} inputs")
+    if not 1 <= keep <= n:
+        raise ValueError(f"select_inputs: keep must be in [1, {n}], got {keep}")
+    if curve_to is not None and not 1 <= curve_to <= keep:
+        raise ValueError(f"select_inputs: curve_to must be in [1, keep = {keep}], got {curve_to}")
+    if block < 1:
+        raise ValueError(f"select_inputs: block must be >= 1, got {block}")
+    if not (math.isfinite(ridge) and ridge > 0):
+        raise ValueError(f"select_inputs: ridge must be finite and > 0, got {ridge}")
+
+
 def select_inputs(weight, gram, keep: int, *, ridge: float = 1e-3, block: int = 1,
                   curve_to: Optional[int] = None, overwrite_gram: bool = False) -> InputSelection:
     """Structured input pruning of ``weight`` (d × n, float32/float64): keep ``keep`` of its n
@@ -330,20 +355,23 @@ def select_inputs(weight, gram, keep: int, *, ridge: float = 1e-3, block: int = 
     torch CPU tensor viewing one) and holds unspecified values afterwards; the result is bitwise
     the same. A read-only or non-contiguous array is refused (ValueError), another dtype too
     (TypeError), before anything is written: it is never copied behind the caller's back.
-    An accumulator is never changed: a plain GramAccumulator's ``gram`` is a fresh copy, which
-    the kernel always consumes (no second copy); an accumulator whose ``gram`` may be shared
-    (ReducedGramAccumulator) is copied as before, and refused with ``overwrite_gram=True``
-    (read ``acc.gram``, drop the accumulator, pass the array).
+    An accumulator is left unchanged by default (its ``gram`` is read: a fresh copy, which the
+    kernel consumes, for a plain GramAccumulator; a copy of the shared reduced Gram for a
+    data-parallel one). With ``overwrite_gram=True`` it is spent instead: its own buffer becomes
+    the workspace (``take_gram()``), so the call holds one n × n, not two; the arguments are
+    checked before that, so a refused call leaves the accumulator usable.
     """
     w = as_array(weight, "weight")
     if isinstance(gram, _core.GramAccumulator):
-        fresh = _gram_is_fresh(gram)
-        if overwrite_gram and not fresh:
-            raise ValueError(f"gram: a {type(gram).__name__} may share the array its gram property "
-                             "returns, so overwrite_gram=True would corrupt it; pass acc.gram "
-                             "(and drop the accumulator) instead")
-        g = gram.gram     # the Python property: a data-parallel accumulator sums over processes
-        consume = fresh
+        keep, block = _integer(keep, "keep"), _integer(block, "block")
+        curve_to = None if curve_to is None else _integer(curve_to, "curve_to")
+        if overwrite_gram:
+            _check_selection_args(w, gram.dim, keep, float(ridge), block, curve_to)
+            g = gram.take_gram()   # a data-parallel accumulator hands over its reduced sums
+            consume = True
+        else:
+            g = gram.gram
+            consume = _gram_is_fresh(gram)
     else:
         g = as_array(gram, "gram")
         consume = bool(overwrite_gram)

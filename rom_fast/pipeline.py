@@ -267,14 +267,11 @@ class BlockCompressor:
                 del cross
             # n/256 removals per greedy step (SmolLM2: 6, 7B: 43): each step is a rank-g update of
             # the n x n inverse, memory-bound for g = 1 (one at a time: 3.5x the time at 576 x 1536).
-            # The accumulator's own n x n goes before the kernel runs, and the kernel uses the
-            # Gram read from it as its workspace: one n x n while it runs (0.97 GB at 7B's
-            # n = 11008) instead of three.
-            gram = acc.gram
-            del acc
-            sel = kernels.select_inputs(weight, gram, keep, ridge=self.options.ridge,
+            # The kernel takes the accumulator's own n x n as its workspace (take_gram): one
+            # n x n while it runs (0.97 GB at 7B's n = 11008), never a copy beside it.
+            sel = kernels.select_inputs(weight, acc, keep, ridge=self.options.ridge,
                                         block=max(1, n // NEURON_GROUPS), overwrite_gram=True)
-            del gram
+            del acc
         kept = np.ascontiguousarray(sel.kept, dtype=np.int64)
         refit = np.ascontiguousarray(sel.weight)
         self.comm.broadcast_arrays([kept, refit], "kept neurons")    # process 0's choice everywhere

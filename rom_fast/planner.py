@@ -145,16 +145,11 @@ def _precision(dim: int) -> str:
 def neuron_curve(weight, gram) -> Tuple[np.ndarray, np.ndarray]:
     """(kept counts from d_in down to 1, output error energy) of greedy neuron removal with
     the weight refitted (:func:`kernels.select_inputs`), about NEURON_CURVE_STEPS exact points.
-    ``gram`` is an array (left unchanged) or a GramAccumulator the caller hands over: its Gram
-    is read, the accumulator dropped (its own n x n freed when this held the last reference),
-    and the kernel consumes the Gram as its workspace (no n x n copy)."""
+    ``gram`` is an array (left unchanged) or a GramAccumulator the caller hands over: the
+    kernel takes its own n x n as the workspace (the accumulator is spent; no copy)."""
     n = weight.shape[1]
-    consume = isinstance(gram, kernels.GramAccumulator)
-    if consume:
-        gram = gram.gram
     sel = kernels.select_inputs(weight, gram, n, curve_to=1, block=max(1, n // NEURON_CURVE_STEPS),
-                                overwrite_gram=consume)
-    del gram
+                                overwrite_gram=isinstance(gram, kernels.GramAccumulator))
     return np.asarray(sel.curve_kept, dtype=np.int64), np.clip(np.asarray(sel.curve_loss, dtype=np.float64), 0.0, None)
 
 

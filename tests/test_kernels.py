@@ -140,6 +140,24 @@ def test_gram_accepts_torch_tensors_without_copy_semantics_change():
     assert acc_t.count == 110
 
 
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_take_gram_hands_over_the_accumulators_own_buffer(precision):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((50, 23)).astype(np.float32)
+    acc = rom_fast.GramAccumulator(23, precision=precision)
+    acc.update(x)
+    expected = acc.gram
+    g = acc.take_gram()
+    np.testing.assert_array_equal(g, expected)
+    np.testing.assert_allclose(g, x.astype(np.float64).T @ x.astype(np.float64), rtol=1e-5, atol=1e-4)
+    assert g.flags.writeable and g.flags.c_contiguous and g.dtype == np.float64
+    assert acc.taken and acc.count == 50
+    np.testing.assert_allclose(acc.column_sum, x.astype(np.float64).sum(0), rtol=1e-12)
+    del acc                    # the array owns the buffer: it outlives the accumulator
+    g += 1.0
+    np.testing.assert_array_equal(g, expected + 1.0)
+
+
 def test_gram_bad_inputs():
     acc = rom_fast.GramAccumulator(8)
     assert acc.precision == "float64"     # the default keeps the float64 accuracy contract

@@ -269,24 +269,63 @@ def test_overwrite_gram_with_accumulators():
     acc.update(x)
     before = acc.gram
     ref = kernels.select_inputs(w, before.copy(), 9, curve_to=4)
-    for overwrite in (False, True):    # its gram is a fresh copy: consumed, the accumulator kept
-        _same_selection(ref, kernels.select_inputs(w, acc, 9, curve_to=4, overwrite_gram=overwrite))
-        np.testing.assert_array_equal(acc.gram, before)
+    _same_selection(ref, kernels.select_inputs(w, acc, 9, curve_to=4))
+    np.testing.assert_array_equal(acc.gram, before)               # read: left unchanged
+    _same_selection(ref, kernels.select_inputs(w, acc, 9, curve_to=4, overwrite_gram=True))
+    # Spent: its own buffer was the workspace (take_gram), so its Gram is gone, not stale.
+    assert acc.taken and acc.count == x.shape[0]
+    with pytest.raises(RuntimeError, match="take_gram"):
+        acc.gram
+    with pytest.raises(RuntimeError, match="take_gram"):
+        acc.update(x)
+    with pytest.raises(RuntimeError, match="take_gram"):
+        kernels.select_inputs(w, acc, 9)
+    acc.reset()                                                   # reusable after a reset
+    acc.update(x)
+    np.testing.assert_array_equal(acc.gram, before)
 
-    class Shared(kernels.GramAccumulator):     # like ReducedGramAccumulator: one shared array
-        @property
-        def gram(self):
-            if not hasattr(self, "_kept"):
-                self._kept = super().gram
-            return self._kept
 
-    shared = Shared(15)
-    shared.update(x)
-    _same_selection(ref, kernels.select_inputs(w, shared, 9, curve_to=4))
-    np.testing.assert_array_equal(shared.gram, before)            # copied, not consumed
-    with pytest.raises(ValueError, match="gram: a Shared may share"):
-        kernels.select_inputs(w, shared, 9, curve_to=4, overwrite_gram=True)
-    np.testing.assert_array_equal(shared.gram, before)
+def test_overwrite_gram_refuses_bad_arguments_before_spending_an_accumulator():
+    x, w, _ = _problem(12, 3, 23)
+    acc = kernels.GramAccumulator(12)
+    acc.update(x)
+    before = acc.gram
+    bad = [((w, 0), {}, ValueError, "keep"), ((w, 13), {}, ValueError, "keep"),
+           ((w[:, :11], 5), {}, ValueError, "does not read"), ((w, 5), {"curve_to": 6}, ValueError, "curve_to"),
+           ((w, 5), {"block": 0}, ValueError, "block"), ((w, 5), {"ridge": 0.0}, ValueError, "ridge"),
+           ((w.astype(np.float16), 5), {}, TypeError, "float32 or float64")]
+    for (weight, keep), extra, error, match in bad:
+        with pytest.raises(error, match=match):
+            kernels.select_inputs(weight, acc, keep, overwrite_gram=True, **extra)
+        assert not acc.taken
+    np.testing.assert_array_equal(acc.gram, before)
+
+
+class _TwoEqualProcesses:
+    """A communicator whose all-reduce sums two identical processes' arrays (in place)."""
+
+    def all_reduce(self, array, kind):
+        array *= 2.0
+        return array
+
+
+def test_overwrite_gram_with_a_data_parallel_accumulator():
+    from rom_fast.distributed import ReducedGramAccumulator
+
+    x, w, _ = _problem(15, 4, 24)
+    red = ReducedGramAccumulator(15, "inputs of a test layer", _TwoEqualProcesses())
+    red.update(x)
+    local = kernels.GramAccumulator(15)
+    local.update(x)
+    ref = kernels.select_inputs(w, 2.0 * local.gram, 9, curve_to=4)
+    _same_selection(ref, kernels.select_inputs(w, red, 9, curve_to=4))
+    np.testing.assert_array_equal(red.gram, 2.0 * local.gram)     # copied: the shared sums stay
+    _same_selection(ref, kernels.select_inputs(w, red, 9, curve_to=4, overwrite_gram=True))
+    assert red.count == 2 * x.shape[0]
+    with pytest.raises(RuntimeError, match="handed over"):        # consumed, so not readable
+        red.gram
+    with pytest.raises(RuntimeError, match="all-reduced"):
+        red.update(x)
 
 
 def test_overwrite_gram_refuses_what_it_cannot_consume():

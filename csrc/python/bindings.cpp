@@ -7,6 +7,8 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "rom_fast/rom_fast.hpp"
 
@@ -52,6 +54,14 @@ py::array_t<T> to_numpy(const std::vector<T>& v, std::vector<py::ssize_t> shape)
   py::array_t<T> out(shape);
   if (!v.empty()) std::memcpy(out.mutable_data(), v.data(), v.size() * sizeof(T));
   return out;
+}
+
+// A numpy array that owns `v`'s buffer (no copy): the vector lives until the array is freed.
+template <class T>
+py::array_t<T> adopt_numpy(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
+  auto* owned = new std::vector<T>(std::move(v));
+  py::capsule owner(owned, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return py::array_t<T>(shape, owned->data(), owner);
 }
 
 rom_fast::EigenMethod parse_method(const std::string& m) {
@@ -156,6 +166,16 @@ PYBIND11_MODULE(_core, m) {
                                self.gram(p);
                                return out;
                              })
+      .def("take_gram",
+           [](rom_fast::GramAccumulator& self) {
+             std::vector<double> g;
+             {
+               py::gil_scoped_release release;
+               g = self.take_gram();
+             }
+             return adopt_numpy(std::move(g), {self.dim(), self.dim()});
+           })
+      .def_property_readonly("taken", &rom_fast::GramAccumulator::taken)
       .def_property_readonly("column_sum",
                              [](const rom_fast::GramAccumulator& self) {
                                return to_numpy(self.column_sum(), {self.dim()});

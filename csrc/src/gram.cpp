@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
+#include <string>
+#include <utility>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -86,7 +89,15 @@ void GramAccumulator::accumulate_f64(const double* x, index_t n, index_t ld) {
   dsyrk_f("U", "N", &bn, &bk, &one, x, &blda, &one, upper_.data(), &bn, 1, 1);
 }
 
+void GramAccumulator::require_live(const char* what) const {
+  if (taken_) {
+    throw std::logic_error(std::string("GramAccumulator.") + what +
+                           ": the Gram was handed over by take_gram(); reset() to reuse");
+  }
+}
+
 void GramAccumulator::update(const double* x, index_t n) {
+  require_live("update");
   require(n >= 0, "GramAccumulator.update: negative row count");
   if (n == 0) return;
   std::vector<double> sums;
@@ -127,6 +138,7 @@ void GramAccumulator::accumulate_f32_widened(const float* x, index_t n) {
 }
 
 void GramAccumulator::update(const float* x, index_t n) {
+  require_live("update");
   require(n >= 0, "GramAccumulator.update: negative row count");
   if (n == 0) return;
   std::vector<double> sums;
@@ -140,6 +152,8 @@ void GramAccumulator::update(const float* x, index_t n) {
 }
 
 void GramAccumulator::merge(const GramAccumulator& other) {
+  require_live("merge");
+  other.require_live("merge (other)");
   require(other.dim_ == dim_, "GramAccumulator.merge: dim mismatch (" + std::to_string(dim_) +
                                   " vs " + std::to_string(other.dim_) + ")");
   const index_t total = dim_ * dim_;
@@ -152,12 +166,18 @@ void GramAccumulator::merge(const GramAccumulator& other) {
 }
 
 void GramAccumulator::reset() {
-  std::fill(upper_.begin(), upper_.end(), 0.0);
+  if (taken_) {
+    upper_.assign(static_cast<std::size_t>(dim_ * dim_), 0.0);
+    taken_ = false;
+  } else {
+    std::fill(upper_.begin(), upper_.end(), 0.0);
+  }
   std::fill(colsum_.begin(), colsum_.end(), 0.0);
   count_ = 0;
 }
 
 void GramAccumulator::gram(double* out) const {
+  require_live("gram");
   const index_t d = dim_;
   const double* up = upper_.data();
   // upper_ is column-major with (i <= j) valid at up[j * d + i]; mirror into a full matrix.
@@ -172,12 +192,31 @@ void GramAccumulator::gram(double* out) const {
 }
 
 std::vector<double> GramAccumulator::gram() const {
+  require_live("gram");
   std::vector<double> out(static_cast<std::size_t>(dim_ * dim_));
   gram(out.data());
   return out;
 }
 
+std::vector<double> GramAccumulator::take_gram() {
+  require_live("take_gram");
+  const index_t d = dim_;
+  double* g = upper_.data();
+  // (i <= j) is valid at g[j * d + i]; its mirror g[i * d + j] lies in the invalid lower part.
+#pragma omp parallel for schedule(static, 16) if (d >= kParallelFlushDim)
+  for (index_t j = 0; j < d; ++j) {
+    for (index_t i = 0; i < j; ++i) g[i * d + j] = g[j * d + i];
+  }
+  std::vector<double> out = std::move(upper_);
+  upper_ = std::vector<double>();
+  std::vector<float>().swap(scratch_);
+  std::vector<double>().swap(staging_);
+  taken_ = true;
+  return out;
+}
+
 void GramAccumulator::centered_gram(double* out) const {
+  require_live("centered_gram");
   require(count_ >= 1, "centered_gram: no tokens accumulated");
   gram(out);
   const index_t d = dim_;

@@ -1,6 +1,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <stdexcept>
+#include <vector>
 
 #include "check.hpp"
 #include "rom_fast/rom_fast.hpp"
@@ -103,6 +105,37 @@ static void float32_blocks() {
   CHECK(check::throws<std::invalid_argument>([] { GramAccumulator z(4, GramPrecision::Float32, 0); }));
 }
 
+// take_gram hands over exactly what gram() returns, in both precisions and on both sides of
+// the parallel mirror's threshold, and leaves the accumulator spent until reset().
+static void take_gram_hands_over_the_buffer() {
+  for (const index_t d : {index_t{1}, index_t{37}, index_t{2100}}) {
+    for (const auto precision : {GramPrecision::Float64, GramPrecision::Float32}) {
+      const index_t n = 40;
+      const auto xd = check::randn(n * d, 7);
+      const std::vector<float> x(xd.begin(), xd.end());
+      GramAccumulator acc(d, precision);
+      acc.update(x.data(), n);
+      const auto expected = acc.gram();
+      const auto colsum = acc.column_sum();
+      const auto taken = acc.take_gram();
+      CHECK(taken == expected);
+      CHECK(acc.taken() && acc.count() == n && acc.column_sum() == colsum);
+      std::vector<double> out(d * d);
+      CHECK(check::throws<std::logic_error>([&] { acc.gram(out.data()); }));
+      CHECK(check::throws<std::logic_error>([&] { acc.centered_gram(out.data()); }));
+      CHECK(check::throws<std::logic_error>([&] { acc.update(x.data(), n); }));
+      CHECK(check::throws<std::logic_error>([&] { (void)acc.take_gram(); }));
+      GramAccumulator live(d);
+      CHECK(check::throws<std::logic_error>([&] { live.merge(acc); }));
+      CHECK(check::throws<std::logic_error>([&] { acc.merge(live); }));
+      acc.reset();
+      CHECK(!acc.taken() && acc.count() == 0);
+      acc.update(x.data(), n);
+      CHECK(acc.gram() == expected);
+    }
+  }
+}
+
 int main() {
   const index_t n = 1000, d = 37;
   const auto x = check::randn(n * d, 1);
@@ -169,5 +202,6 @@ int main() {
   std::vector<double> out(d * d);
   CHECK(check::throws<std::invalid_argument>([&] { empty.centered_gram(out.data()); }));
   float32_blocks();
+  take_gram_hands_over_the_buffer();
   return check::report("test_gram");
 }

@@ -56,8 +56,16 @@ class GramAccumulator {
   /// Adds the statistics of `other` (same dim, else std::invalid_argument).
   void merge(const GramAccumulator& other);
 
-  /// Clears all statistics.
+  /// Clears all statistics (and re-allocates the Gram after take_gram()).
   void reset();
+
+  /// Hands the full symmetric d x d Gram over without a copy: the upper triangle is mirrored
+  /// in place and the buffer moved out, and the float32 scratch / widening buffers are freed,
+  /// so the caller holds the accumulator's only d x d (0.97 GB at d = 11008, where gram() would
+  /// briefly hold two). The accumulator is then spent: update, merge, gram, centered_gram and
+  /// a second take_gram throw std::logic_error until reset(); dim, count and column_sum stay.
+  std::vector<double> take_gram();
+  bool taken() const noexcept { return taken_; }
 
   index_t dim() const noexcept { return dim_; }
   GramPrecision precision() const noexcept { return precision_; }
@@ -82,11 +90,13 @@ class GramAccumulator {
   void accumulate_f64(const double* x, index_t n, index_t ld);
   void accumulate_f32_blocks(const float* x, index_t n);
   void accumulate_f32_widened(const float* x, index_t n);
+  void require_live(const char* what) const;
 
   index_t dim_;
   GramPrecision precision_;
   index_t block_rows_;
   index_t count_ = 0;
+  bool taken_ = false;            // take_gram() moved upper_ out
   std::vector<double> upper_;   // column-major d x d, upper triangle valid
   std::vector<double> colsum_;  // d
   std::vector<double> staging_; // float32 -> float64 widening buffer (Float64), reused
