@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -180,12 +181,15 @@ class BlockCompressor:
                 lin = block.get_submodule(name)
                 weight, bias = lin.weight.detach().numpy(), None if lin.bias is None else lin.bias.detach().numpy()
                 if correction is not None:
-                    # One float64 target at a time (a 7B gate_proj's is 0.36 GB), not the stage's.
-                    weight, bias = kernels.anchored_target(correction, weight, self.options.anchor, bias=bias)
+                    # One target at a time, in the layer's dtype: the factorization widens a
+                    # float32 weight band by band, so a 7B gate_proj's float64 target (0.36 GB)
+                    # would otherwise sit through its peak.
+                    weight, bias = _as_dtype(kernels.anchored_target(correction, weight, self.options.anchor,
+                                                                     bias=bias), weight.dtype)
                 f = kernels.factorize(weight, factor, ranks[name],
                                       centered=self.options.centered, bias=bias,
                                       method=self.options.eigen_method)
-                f = f.astype(lin.weight.detach().numpy().dtype)   # an anchored target is float64
+                f = f.astype(lin.weight.detach().numpy().dtype)   # the factors come back float64
                 self._replace(block, prefix, name, lin, f, "input-gram" + ("+anchored" if anchored else ""))
                 del lin, f, weight, bias
 
@@ -301,7 +305,7 @@ class BlockCompressor:
         those are advanced in place to the dense block's outputs."""
         a = self.adapter
         anchoring = dense_hiddens is not None
-        dense = copy.deepcopy(block) if anchoring else None   # the block as it was, for the dense path
+        dense = _dense_view(block) if anchoring else None   # the block as it was, for the dense path
         norm1 = block.get_submodule(a.input_norm)
         norm2 = block.get_submodule(a.post_attention_norm)
         attn = block.get_submodule(a.attention)
@@ -423,9 +427,9 @@ class BlockCompressor:
                 else:
                     weight = down.weight.detach().numpy()
                     if cross is not None:
-                        weight, bias = kernels.anchored_target(
+                        weight, bias = _as_dtype(kernels.anchored_target(
                             kernels.anchor_correction(acc, cross, ridge=self.options.ridge, with_bias=bias is not None),
-                            weight, self.options.anchor, bias=bias)
+                            weight, self.options.anchor, bias=bias), weight.dtype)
                         del cross
                     factor = kernels.input_factor(acc, centered=self.options.centered,
                                                   with_bias=bias is not None and not self.options.centered)
@@ -465,6 +469,21 @@ class BlockCompressor:
                 for h in hiddens:
                     h.add_(mlp(norm2(h.float())))
         return hiddens
+
+
+def _dense_view(block: nn.Module) -> nn.Module:
+    """A copy of ``block``'s modules that shares its parameters and buffers (no weight is
+    copied): compressing a layer replaces the block's module, and the old one lives on here
+    for the dense path as long as that needs it. At 7B this is the 0.54 GB of a float32 MLP
+    that a deep copy would hold through the gate/up peak."""
+    shared = {id(t): t for t in itertools.chain(block.parameters(), block.buffers())}
+    return copy.deepcopy(block, memo=shared)
+
+
+def _as_dtype(target, dtype):
+    """An anchored (weight, bias) target in the layer's dtype."""
+    weight, bias = target
+    return weight.astype(dtype, copy=False), None if bias is None else bias.astype(dtype, copy=False)
 
 
 def compress_blocks(source: BlockSource, input_ids: torch.Tensor, attention_mask: torch.Tensor,
