@@ -15,6 +15,7 @@ V_r W), on the same statistics in the same run. Results go to bench/results/scal
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -45,17 +46,63 @@ def uniform_ranks(n_blocks: int, mlp_neurons: int = 0) -> dict:
 
 
 # -- memory and time per block ------------------------------------------------------------
+class RssTrace:
+    """Samples the process's resident memory every ``interval`` s with where the main thread is
+    in rom_fast (its innermost three frames), to say which step a peak belongs to."""
+
+    def __init__(self, interval: float = 0.1):
+        import threading
+        self.interval, self.peaks, self._stop = interval, {}, threading.Event()
+        self._main = threading.get_ident()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import traceback
+        while not self._stop.is_set():
+            frame = sys._current_frames().get(self._main)
+            inner = [f"{os.path.basename(f.filename)}:{f.name}:{f.lineno}" for f in traceback.extract_stack(frame)
+                     if f"{os.sep}rom_fast{os.sep}" in f.filename][-3:]
+            where = " < ".join(reversed(inner))
+            rss = _status_bytes("VmRSS")
+            if rss > self.peaks.get(where, 0):
+                self.peaks[where] = rss
+            self._stop.wait(self.interval)
+
+    def top(self, n: int = 8) -> list:
+        return [{"rss_bytes": r, "where": w} for w, r in sorted(self.peaks.items(), key=lambda kv: -kv[1])[:n]]
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def child_compress(directory: str, n_samples: int, seq_len: int, activation_dtype: str, anchor: float = 0.0,
-                   gram_precision: str = "auto", mlp_neurons: int = 0) -> None:
-    """Runs in its own process; prints one JSON line (its peak_rss_bytes: VmHWM, its own)."""
+                   gram_precision: str = "auto", mlp_neurons: int = 0, trace: bool = False) -> None:
+    """Runs in its own process; prints one JSON line (its peak_rss_bytes: VmHWM, its own; with
+    ``trace``, the highest resident memory seen at each place in rom_fast, sampled)."""
     import rom_fast
     n_blocks = json.loads(open(os.path.join(directory, "config.json")).read())["num_hidden_layers"]
     ids = random_token_ids(n_samples, seq_len)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(directory)) as tmp:
+    tracer = RssTrace() if trace else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(directory)) as tmp, tracer:
         out = os.path.join(tmp, "rom")
         summary = rom_fast.compress(directory, calibration=ids, ranks=uniform_ranks(n_blocks, mlp_neurons), out=out,
                                     activation_dtype=activation_dtype, progress=False, anchor=anchor,
                                     gram_precision=gram_precision).summary
+    if trace:
+        summary["rss_trace_top"] = tracer.top()
     print("RESULT " + json.dumps(summary), flush=True)
 
 
@@ -67,7 +114,7 @@ def bench_memory(a) -> None:
     for n in a.blocks:
         directory = write_llama7b_shaped(os.path.join(a.workdir, f"llama7b-{n}"), n)
         cmd = [sys.executable, __file__, "_child", str(directory), str(a.n_samples), str(a.seq_len),
-               a.activation_dtype, str(a.anchor), a.gram_precision, str(a.mlp_neurons)]
+               a.activation_dtype, str(a.anchor), a.gram_precision, str(a.mlp_neurons), str(int(a.trace))]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
@@ -80,13 +127,17 @@ def bench_memory(a) -> None:
                "gram_precision": a.gram_precision, "mlp_neurons": a.mlp_neurons,
                "activation_dtype": a.activation_dtype, "peak_rss_bytes": s["peak_rss_bytes"],
                "seconds": sec, "params_before": s["params_before"], "params_after": s["params_after"]}
+        if a.trace:
+            row["rss_trace_top"] = s["rss_trace_top"]
         rows.append(row)
         print(f"| {n} | {a.activation_dtype} | {s['peak_rss_bytes'] / 2**30:.2f} | {sec['total']:.0f} "
               f"| {sec.get('forward', 0) / n:.1f} | {sec.get('statistics', 0) / n:.1f} "
               f"| {sec.get('eigensolver', 0) / n:.1f} | {products / n:.1f} | {other / n:.1f} |", flush=True)
+        for t in row.get("rss_trace_top", [])[:5]:
+            print(f"    {t['rss_bytes'] / 2**30:.2f} GiB at {t['where']}", flush=True)
     _write(f"scale_memory_{a.n_samples}x{a.seq_len}_{a.activation_dtype}{'_anchor' if a.anchor else ''}"
            f"{'' if a.gram_precision == 'auto' else '_gram' + a.gram_precision}"
-           f"{f'_neurons{a.mlp_neurons}' if a.mlp_neurons else ''}.json",
+           f"{f'_neurons{a.mlp_neurons}' if a.mlp_neurons else ''}{a.tag}.json",
            {"command": "python bench/bench_scale.py " + " ".join(sys.argv[1:]), "rows": rows})
 
 
@@ -182,7 +233,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         child_compress(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5],
                        float(sys.argv[6]) if len(sys.argv) > 6 else 0.0, sys.argv[7] if len(sys.argv) > 7 else "auto",
-                       int(sys.argv[8]) if len(sys.argv) > 8 else 0)
+                       int(sys.argv[8]) if len(sys.argv) > 8 else 0, len(sys.argv) > 9 and sys.argv[9] == "1")
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -195,6 +246,9 @@ def main() -> None:
     m.add_argument("--gram-precision", default="auto", choices=["auto", "float32", "float64"])
     m.add_argument("--mlp-neurons", type=int, default=0,
                    help="every MLP keeps this many whole neurons instead of low-rank linears (80%%: 5064 of 11008)")
+    m.add_argument("--trace", action="store_true",
+                   help="sample resident memory by pipeline location (the peak's step, in the JSON)")
+    m.add_argument("--tag", default="", help="suffix of the result file")
     m.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "rom_fast_synth"))
     b = sub.add_parser("block-math")
     b.add_argument("--tokens", type=int, default=16384, help="tokens behind each synthetic Gram")

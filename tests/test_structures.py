@@ -210,12 +210,9 @@ def test_neuron_plans_are_checked():
                           progress=False)
 
 
-def test_streamed_neuron_run_matches_in_memory_and_resumes_bitwise(tmp_path, monkeypatch):
+def test_streamed_neuron_run_matches_in_memory_and_resumes_bitwise(tmp_path, resume_check):
     """The planner choosing structures, anchored: a directory gives the in-memory plan and
     logits; interrupted after block 1 and rerun, it writes the tensors of an uninterrupted run."""
-    from safetensors import safe_open
-
-    from rom_fast.output import ResumableOutput
     model = _tiny()
     src = tmp_path / "dense"
     model.save_pretrained(src, max_shard_size="60KB")
@@ -230,27 +227,7 @@ def test_streamed_neuron_run_matches_in_memory_and_resumes_bitwise(tmp_path, mon
     with torch.no_grad():
         torch.testing.assert_close(whole.model(probe).logits, in_memory.model(probe).logits, atol=1e-5, rtol=1e-5)
 
-    commit = ResumableOutput.commit_block
-
-    def commit_then_fail(self, i, *a, **k):
-        commit(self, i, *a, **k)
-        if i == 1:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(ResumableOutput, "commit_block", commit_then_fail)
-    with pytest.raises(KeyboardInterrupt):
-        rom_fast.compress(str(src), out=tmp_path / "rom", **kw)
-    monkeypatch.setattr(ResumableOutput, "commit_block", commit)
-    resumed = rom_fast.compress(str(src), out=tmp_path / "rom", **kw)
-    assert resumed.summary["resumed_from_block"] == 2
-
-    def tensors(d):
-        out = {}
-        for f in sorted(d.glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as st:
-                out.update({k: st.get_tensor(k) for k in st.keys()})
-        return out
-    a, b = tensors(tmp_path / "rom"), tensors(tmp_path / "whole")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resume_check(lambda out: rom_fast.compress(str(src), out=out, **kw), tmp_path / "rom", tmp_path / "whole")
 
 
 def test_planner_neuron_curves_are_the_kernel_greedy_on_dense_statistics():
