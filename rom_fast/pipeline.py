@@ -409,6 +409,9 @@ class BlockCompressor:
                         acc.update(act)
                         if cross is not None:
                             cross.update(act_d, act)
+            # The dense path is past this block: its MLP's old gate/up (0.36 GB at 7B) and the
+            # last micro-batch's activations go before the factorization.
+            act = act_d = y_d = hd = dense_mlp = dense_down = dense = None
             with self.timer("factorize"):
                 bias = None if down.bias is None else down.bias.detach().numpy()
                 if output_route:
@@ -421,10 +424,10 @@ class BlockCompressor:
                         m_eff, _ = kernels.anchored_target(kernels.anchor_correction(acc, cross, ridge=self.options.ridge),
                                                            np.eye(width), self.options.anchor)
                         factor = kernels.input_factor(acc)
-                        del cross
+                        del cross, acc
                         fm = kernels.factorize(m_eff, factor, ranks[down_name], method=self.options.eigen_method)
                         w = down.weight.detach().numpy()
-                        f = kernels.Factorization(fm.w1, fm.w2 @ w.astype(np.float64), None, None, fm.eigenvalues,
+                        f = kernels.Factorization(fm.w1, _times_widened(fm.w2, w), None, None, fm.eigenvalues,
                                                   fm.total_energy, fm.eigen_seconds).astype(w.dtype)
                     else:
                         f = kernels.factorize_output_gram(down.weight.detach().numpy(), acc, ranks[down_name],
@@ -439,6 +442,7 @@ class BlockCompressor:
                         del cross
                     factor = kernels.input_factor(acc, centered=self.options.centered,
                                                   with_bias=bias is not None and not self.options.centered)
+                    del acc
                     f = kernels.factorize(weight, factor, ranks[down_name],
                                           centered=self.options.centered, bias=bias,
                                           method=self.options.eigen_method)
@@ -484,6 +488,15 @@ def _dense_view(block: nn.Module) -> nn.Module:
     that a deep copy would hold through the gate/up peak."""
     shared = {id(t): t for t in itertools.chain(block.parameters(), block.buffers())}
     return copy.deepcopy(block, memo=shared)
+
+
+def _times_widened(left: np.ndarray, weight: np.ndarray, band: int = 1024) -> np.ndarray:
+    """``left @ weight`` in float64, widening ``weight`` a band of columns at a time (a whole
+    7B down_proj widened would be 0.36 GB)."""
+    out = np.empty((left.shape[0], weight.shape[1]))
+    for j in range(0, weight.shape[1], band):
+        out[:, j:j + band] = left @ weight[:, j:j + band].astype(np.float64)
+    return out
 
 
 def _as_dtype(target, dtype):
