@@ -343,15 +343,18 @@ class BlockCompressor:
                         if cross is not None:
                             cross.update(_rows(od, token_masks[i]), _rows(o, token_masks[i]))
                         dense_hiddens[i].add_(dense_o(od))
+        if anchoring:
+            # The dense path is past the attention: its old q/k/v (0.2 GB at 7B) go before the
+            # o_proj and MLP peaks, the loop's references to them included.
+            dense_attn = dense_o = od = None
+            parent, _, child = a.attention.rpartition(".")
+            setattr(dense.get_submodule(parent) if parent else dense, child, nn.Identity())
         if need_o:
             stats = [self._gram(attn_out, token_masks, _inputs_label(prefix, stages[1].linears)), cross]
             del cross
             self._factorize_input_stage(block, prefix, stages[1].linears, ranks, stats)
         else:
             del cross
-        if anchoring:   # the dense attention's work is done: its weights go before the MLP's peak
-            parent, _, child = a.attention.rpartition(".")
-            setattr(dense.get_submodule(parent) if parent else dense, child, nn.Identity())
         out_proj = attn.get_submodule(a.out_proj)   # compressed now
         with self.timer("forward"):
             for h, o in zip(hiddens, attn_out):
