@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--heldout-windows", type=int, default=16, help="512-token windows of each held-out text")
     p.add_argument("--corpora", nargs="+", default=list(CORPORA))
     p.add_argument("--tag", default="")
+    p.add_argument("--time-planner", action="store_true",
+                   help="only time the planner pass without, then with, the neuron curves (same run) and exit")
     a = p.parse_args()
     cells = ([_cell(c) for c in a.cells] if a.cells
              else [(ratio, spec) for ratio in a.ratios for spec in a.rows])
@@ -60,6 +62,9 @@ def main() -> None:
     calib = calibration_tokens("wiki", tok, n_samples=a.n_samples, seq_len=128, seed=None)
     batch = {"input_ids": calib.input_ids, "attention_mask": calib.attention_mask}
     data = default_data_dir()
+    if a.time_planner:
+        _time_planner(a, ModelSource(dense), calib, collect_spectra)
+        return
     t0 = time.perf_counter()
     spectra = collect_spectra(ModelSource(dense), calib.input_ids, calib.attention_mask, neuron_curves=True)
     planner_seconds = time.perf_counter() - t0
@@ -89,6 +94,24 @@ def main() -> None:
               + " | ".join(f"{ppl[c]:.2f}" for c in a.corpora) + f" | {seconds:.1f} |", flush=True)
         del model
         _write(a, calib, planner_seconds, results)     # after every row: a stopped run keeps its rows
+
+
+def _time_planner(a, source, calib, collect_spectra) -> None:
+    """What the neuron curves add to the planner pass: both passes on the same tokens, in turn."""
+    seconds = {}
+    for curves in (False, True):
+        t0 = time.perf_counter()
+        collect_spectra(source, calib.input_ids, calib.attention_mask, neuron_curves=curves)
+        seconds["with_neuron_curves" if curves else "lowrank_only"] = time.perf_counter() - t0
+        print(f"planner pass, neuron curves {'on' if curves else 'off'}: "
+              f"{seconds['with_neuron_curves' if curves else 'lowrank_only']:.1f} s", flush=True)
+    ratio = seconds["with_neuron_curves"] / seconds["lowrank_only"]
+    print(f"ratio: {ratio:.2f}x", flush=True)
+    out = os.path.join(ROOT, "bench", "results", f"structures_planner_time{a.tag}.json")
+    with open(out, "w") as f:
+        json.dump({"command": f"python bench/bench_structures.py --time-planner --n-samples {a.n_samples}",
+                   "calibration": calib.description, "seconds": seconds, "ratio": ratio}, f, indent=2)
+    print(f"written {out}", flush=True)
 
 
 def _cell(text: str):
