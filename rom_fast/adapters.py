@@ -25,8 +25,52 @@ class Stage:
     linears: Tuple[str, ...]      # names relative to the decoder block
 
 
+@dataclass(frozen=True)
+class Sublayer:
+    """One residual branch of a decoder block, by role:
+    ``h <- h + finish(output(core(norm(h))))``.
+
+    ``inputs`` are the linears that read the normed input (one stage: they share its Gram and
+    input factor), ``output`` is the last linear, reading the core's outputs. ``core`` is the
+    sublayer module with ``output`` replaced by the identity. ``post_norm`` (Gemma-2 style
+    blocks) normalises the branch before the residual add; None: added as it is. All names
+    are relative to the decoder block.
+    """
+
+    role: str                     # "attention" or "mlp"
+    module: str                   # the sublayer module, e.g. "self_attn"
+    norm: str                     # the norm applied to the block's hidden states first
+    inputs: Tuple[str, ...]
+    output: str
+    post_norm: Optional[str] = None
+
+    @property
+    def linears(self) -> Tuple[str, ...]:
+        return self.inputs + (self.output,)
+
+    @property
+    def output_in_module(self) -> str:
+        """``output`` relative to the sublayer module."""
+        return self.output[len(self.module) + 1:]
+
+    def stages(self) -> Tuple[Stage, Stage]:
+        return Stage(f"{self.role}_input", self.inputs), Stage(f"{self.role}_output", (self.output,))
+
+    def unit_rows(self, linear: str, kept: torch.Tensor) -> torch.Tensor:
+        """The output rows of input linear ``linear`` that belong to the kept units (MLP
+        neurons) ``kept``: the same indices for separate gate/up projections; a fused
+        projection's adapter maps them to the rows of each of its halves."""
+        return kept
+
+
 class ModelAdapter:
-    """Architecture facts the compression loop needs. Subclass per model family."""
+    """Architecture facts the compression loop needs. Subclass per model family.
+
+    The loop and the planner reach a block's layers only through the named roles
+    (:attr:`attention`, :attr:`mlp`: :class:`Sublayer`), in block order (:attr:`sublayers`),
+    and build a block's output from them with :meth:`sublayer_forward` and
+    :meth:`branch_output`; nothing outside this module knows module names.
+    """
 
     model_types: Tuple[str, ...] = ()
     # Module paths from the causal-LM root; checkpoint tensor names start with them.
@@ -34,19 +78,10 @@ class ModelAdapter:
     embedding_path = "model.embed_tokens"
     final_norm_path = "model.norm"
     head_path = "lm_head"
-    # Inside a decoder block.
-    attention = "self_attn"
-    mlp = "mlp"
-    input_norm = "input_layernorm"
-    post_attention_norm = "post_attention_layernorm"
-    out_proj = "o_proj"            # last linear of the attention, relative to `attention`
-    down_proj = "down_proj"        # last linear of the MLP, relative to `mlp`
-    stages = (
-        Stage("attention_input", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        Stage("attention_output", ("self_attn.o_proj",)),
-        Stage("mlp_input", ("mlp.gate_proj", "mlp.up_proj")),
-        Stage("mlp_output", ("mlp.down_proj",)),
-    )
+    # The block's residual branches, in the order the block applies them.
+    attention = Sublayer("attention", "self_attn", "input_layernorm",
+                         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj")
+    mlp = Sublayer("mlp", "mlp", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")
     # Keyword arguments the model hands its blocks that describe a cache, not the tokens.
     _cache_kwargs = ("cache", "past_key_values", "past_key_value", "use_cache")
 
@@ -60,6 +95,15 @@ class ModelAdapter:
             raise NotImplementedError(
                 f"{type(model).__name__} mixes attention types {sorted(set(types))}; "
                 "rom_fast supports models whose blocks share one attention mask")
+
+    @property
+    def sublayers(self) -> Tuple[Sublayer, ...]:
+        return (self.attention, self.mlp)
+
+    @property
+    def stages(self) -> Tuple[Stage, ...]:
+        """Every statistics stage of a block, in the order the loop runs them."""
+        return tuple(stage for sub in self.sublayers for stage in sub.stages())
 
     # -- layout ---------------------------------------------------------------------------
     def blocks(self) -> nn.ModuleList:
@@ -81,10 +125,10 @@ class ModelAdapter:
         return int(index) if index.isdigit() else None
 
     def linear_names(self) -> List[str]:
-        return [name for stage in self.stages for name in stage.linears]
+        return [name for sub in self.sublayers for name in sub.linears]
 
-    @staticmethod
-    def linear_shapes(config: Dict) -> Dict[str, Tuple[int, int]]:
+    @classmethod
+    def linear_shapes(cls, config: Dict) -> Dict[str, Tuple[int, int]]:
         """``{linear name in a block: (d_out, d_in)}`` from a config.json dict (sizes already
         checked): what a checkpoint's ranks are checked against before any module is built."""
         hidden, inter = config["hidden_size"], config["intermediate_size"]
@@ -92,9 +136,9 @@ class ModelAdapter:
         kv = config.get("num_key_value_heads") or heads
         head_dim = config.get("head_dim") or hidden // heads
         q, k = heads * head_dim, kv * head_dim
-        return {"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (k, hidden), "self_attn.v_proj": (k, hidden),
-                "self_attn.o_proj": (hidden, q), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
-                "mlp.down_proj": (hidden, inter)}
+        (q_proj, k_proj, v_proj), (gate, up) = cls.attention.inputs, cls.mlp.inputs
+        return {q_proj: (q, hidden), k_proj: (k, hidden), v_proj: (k, hidden), cls.attention.output: (hidden, q),
+                gate: (inter, hidden), up: (inter, hidden), cls.mlp.output: (hidden, inter)}
 
     def tied(self) -> bool:
         """True when the head reuses the input embedding (stored once in checkpoints)."""
@@ -120,11 +164,18 @@ class ModelAdapter:
         out = block(hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    def attention_forward(self, block: nn.Module, normed: torch.Tensor, kwargs: Dict) -> torch.Tensor:
-        """The block's attention on already-normed inputs (o_proj included)."""
-        attn = block.get_submodule(self.attention)
-        return attn(hidden_states=normed, position_embeddings=kwargs.get("position_embeddings"),
-                    attention_mask=kwargs.get("attention_mask"))[0]
+    def sublayer_forward(self, block: nn.Module, sub: Sublayer, normed: torch.Tensor, kwargs: Dict) -> torch.Tensor:
+        """The sublayer module on already-normed inputs (its output linear included, unless the
+        caller replaced it)."""
+        module = block.get_submodule(sub.module)
+        if sub is self.attention:
+            return module(hidden_states=normed, position_embeddings=kwargs.get("position_embeddings"),
+                          attention_mask=kwargs.get("attention_mask"))[0]
+        return module(normed)
+
+    def branch_output(self, block: nn.Module, sub: Sublayer, out: torch.Tensor) -> torch.Tensor:
+        """What the residual stream adds for a sublayer's output (the block's forward form)."""
+        return out if sub.post_norm is None else block.get_submodule(sub.post_norm)(out)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits of the last block's outputs."""

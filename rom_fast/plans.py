@@ -62,15 +62,15 @@ class ModelShape:
     @classmethod
     def of(cls, adapter: ModelAdapter, total: Optional[int] = None) -> "ModelShape":
         shapes, block_of, mlps = {}, {}, {}
-        (down,) = adapter.stages[3].linears
+        mlp = adapter.mlp
         for i, block in enumerate(adapter.blocks()):
             prefix = adapter.block_prefix(i)
             for rel in adapter.linear_names():
                 lin = block.get_submodule(rel)
                 shapes[prefix + rel] = (lin.out_features, lin.in_features)
                 block_of[prefix + rel] = i
-            mlps[prefix + adapter.mlp] = (tuple(prefix + n for n in adapter.stages[2].linears), prefix + down)
-            block_of[prefix + adapter.mlp] = i
+            mlps[prefix + mlp.module] = (tuple(prefix + n for n in mlp.inputs), prefix + mlp.output)
+            block_of[prefix + mlp.module] = i
         return cls(shapes, block_of, adapter.n_blocks,
                    total_params(adapter.model) if total is None else int(total), mlps)
 
