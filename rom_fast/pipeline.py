@@ -34,14 +34,10 @@ from rom_fast import kernels, plans
 from rom_fast.adapters import ModelAdapter
 from rom_fast.blockwise import capture_block_inputs
 from rom_fast.distributed import Communicator
+from rom_fast.kernels import FLOAT32_GRAM_MIN_DIM
 from rom_fast.lowrank import from_factors, pruned_linear, set_module
 from rom_fast.sources import BlockSource, release_freed_memory
 
-
-# Grams at least this wide multiply float32 activations in float32 blocks (ssyrk, accumulated in
-# float64; error <= ~6e-5 of sum|x_i||x_j| per element, measured ~1e-7): 1.56x/1.95x/1.70x
-# torch's float32 X^T X at d = 1536/4096/11008, but 0.62x at 576 (bench/README.md, "Gram").
-FLOAT32_GRAM_MIN_DIM = 1536
 
 # Greedy neuron selection removes about n / NEURON_GROUPS neurons per exact step.
 NEURON_GROUPS = 256
