@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from rom_fast import plans
 from rom_fast.adapters import adapter_for
 from rom_fast.lowrank import lowrank_params
-from rom_fast.planner import LayerSpectrum, _loss_curve, allocate, collect_spectra, planned
+from rom_fast.planner import LayerSpectrum, allocate, collect_spectra, planned
+from rom_fast.planner.allocate import _loss_curve
 from rom_fast.sources import ModelSource
 
 TINY = dict(vocab_size=97, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
