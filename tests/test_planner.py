@@ -15,7 +15,7 @@ from rom_fast import plans
 from rom_fast.adapters import adapter_for
 from rom_fast.lowrank import lowrank_params
 from rom_fast.planner import LayerSpectrum, allocate, collect_spectra, planned
-from rom_fast.planner.allocate import _loss_curve
+from rom_fast.planner.allocate import _linear_hull, _loss_curve
 from rom_fast.sources import ModelSource
 
 TINY = dict(vocab_size=97, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
@@ -124,6 +124,59 @@ def test_allocation_is_feasible_and_near_the_brute_force_optimum(seed):
         # Convex-hull greedy plus refill: exact on hull vertices, within one step otherwise.
         worst_step = max(s.sensitivity * s.eigenvalues[0] for s in spectra.values())
         assert best - 1e-12 <= loss <= best + worst_step
+
+
+def _inline_hull_options(s, weighting):
+    """The planner's former per-linear hull (its own monotone chain, before there was one hull
+    routine), kept as the reference: [(params, loss, rank or None for dense)]."""
+    loss = _loss_curve(s, weighting)
+    dense = s.d_out * s.d_in
+    points = [(dense, 0.0, None)]
+    r_max = min(len(s.eigenvalues), s.d_out, s.d_in)
+    for r in range(r_max, 0, -1):
+        p = lowrank_params(s.d_out, s.d_in, r)
+        if p < dense:
+            points.append((p, float(loss[r]), r))
+    hull = []
+    for pt in points:   # params strictly decreasing: monotone-chain lower hull
+        while len(hull) >= 2:
+            (p1, l1, _), (p2, l2, _) = hull[-2], hull[-1]
+            if (l2 - l1) * (p1 - pt[0]) >= (pt[1] - l1) * (p1 - p2):
+                hull.pop()
+            else:
+                break
+        hull.append(pt)
+    return hull
+
+
+def _random_spectrum(rng):
+    d_out, d_in = (int(v) for v in rng.integers(1, 48, size=2))
+    n = int(rng.integers(0, min(d_out, d_in) + 3))
+    kind = rng.integers(5)
+    if kind == 0:
+        ev = rng.exponential(size=n)
+    elif kind == 1:       # repeated values and exact zeros: collinear hull points
+        ev = rng.choice([0.0, 1.0, 2.0, 0.5], size=n)
+    elif kind == 2:       # integer-valued, many equal slopes
+        ev = rng.integers(0, 4, size=n).astype(np.float64)
+    elif kind == 3:       # wide dynamic range
+        ev = 10.0 ** rng.uniform(-12, 8, size=n)
+    else:
+        ev = np.zeros(n)
+    sensitivity = float(rng.choice([0.0, rng.uniform(1e-6, 10)]))
+    return LayerSpectrum("x", d_out, d_in, np.sort(ev)[::-1] * rng.uniform(0.01, 100), sensitivity)
+
+
+def test_one_hull_routine_gives_the_former_inline_hull_exactly():
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        s = _random_spectrum(rng)
+        for weighting in ("fisher", "energy", "tail"):
+            got = [(o.params, repr(o.loss), dict(o.ranks).get("x"), o.neurons, len(o.ranks))
+                   for o in _linear_hull("x", s, weighting)]
+            ref = [(p, repr(l), r, None, 0 if r is None else 1) for p, l, r in _inline_hull_options(s, weighting)]
+            assert got == ref, (s, weighting)
+            assert all(type(o.params) is int and type(o.loss) is float for o in _linear_hull("x", s, weighting))
 
 
 def test_allocation_errors():

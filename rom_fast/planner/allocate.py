@@ -42,30 +42,6 @@ def _loss_curve(s: LayerSpectrum, weighting: str) -> np.ndarray:
     raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
-def _hull_options(s: LayerSpectrum, weighting: str):
-    """The lower convex hull of (params, loss) over dense and every parameter-saving rank,
-    from the most parameters to the fewest: [(params, loss, rank or None for dense)]."""
-    loss = _loss_curve(s, weighting)
-    dense = s.d_out * s.d_in
-    points = [(dense, 0.0, None)]
-    r_max = min(len(s.eigenvalues), s.d_out, s.d_in)
-    for r in range(r_max, 0, -1):
-        p = lowrank_params(s.d_out, s.d_in, r)
-        if p < dense:
-            points.append((p, float(loss[r]), r))
-    hull: list = []
-    for pt in points:   # params strictly decreasing: monotone-chain lower hull
-        while len(hull) >= 2:
-            (p1, l1, _), (p2, l2, _) = hull[-2], hull[-1]
-            # keep hull[-1] only if it lies below the segment hull[-2] -> pt
-            if (l2 - l1) * (p1 - pt[0]) >= (pt[1] - l1) * (p1 - p2):
-                hull.pop()
-            else:
-                break
-        hull.append(pt)
-    return hull
-
-
 @dataclasses.dataclass(frozen=True)
 class _Option:
     """One way to compress a planning unit (a linear, or an MLP's three linears together)."""
@@ -76,7 +52,8 @@ class _Option:
 
 
 def _lower_hull(points: List[_Option]) -> List[_Option]:
-    """The lower convex hull of (params, loss), from the most parameters to the fewest."""
+    """The lower convex hull of (params, loss), from the most parameters to the fewest (of the
+    points with equal params, the lowest loss, the first of equal ones; collinear points dropped)."""
     best: Dict[int, _Option] = {}
     for pt in points:
         if pt.params not in best or pt.loss < best[pt.params].loss:
@@ -94,8 +71,22 @@ def _lower_hull(points: List[_Option]) -> List[_Option]:
     return hull
 
 
+def _linear_options(name: str, s: LayerSpectrum, weighting: str) -> List[_Option]:
+    """Dense, then every parameter-saving rank from the highest down (params strictly decreasing)."""
+    loss = _loss_curve(s, weighting)
+    dense = s.d_out * s.d_in
+    points = [_Option(dense, 0.0)]
+    for r in range(min(len(s.eigenvalues), s.d_out, s.d_in), 0, -1):
+        p = lowrank_params(s.d_out, s.d_in, r)
+        if p < dense:
+            points.append(_Option(p, float(loss[r]), ((name, r),)))
+    return points
+
+
 def _linear_hull(name: str, s: LayerSpectrum, weighting: str) -> List[_Option]:
-    return [_Option(p, l, () if r is None else ((name, r),)) for p, l, r in _hull_options(s, weighting)]
+    """The lower convex hull of (params, loss) over dense and every parameter-saving rank of one
+    linear, from the most parameters to the fewest."""
+    return _lower_hull(_linear_options(name, s, weighting))
 
 
 def _sum_of_hulls(hulls: List[List[_Option]]) -> List[_Option]:
