@@ -15,7 +15,7 @@ from rom_fast import plans
 from rom_fast.adapters import adapter_for
 from rom_fast.lowrank import lowrank_params
 from rom_fast.planner import LayerSpectrum, allocate, collect_spectra, planned
-from rom_fast.planner.allocate import _linear_hull, _loss_curve
+from rom_fast.planner.allocation import _linear_hull, _loss_curve
 from rom_fast.sources import ModelSource
 
 TINY = dict(vocab_size=97, hidden_size=24, intermediate_size=40, num_hidden_layers=2,

@@ -9,7 +9,7 @@ One pass over calibration tokens on the *dense* model gives, for every compressi
   approximation, perturbing the outputs by ``Δy`` raises the loss by about ``s · ‖Δy‖² / 2``.
 
 With neuron curves, each MLP's down_proj also gets the loss of keeping fewer of its input
-neurons (greedy removal, down_proj refitted). :mod:`rom_fast.planner.allocate` turns these into
+neurons (greedy removal, down_proj refitted). :mod:`rom_fast.planner.allocation` turns these into
 a plan.
 """
 
