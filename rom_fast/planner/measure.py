@@ -201,7 +201,6 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
     """
     timer = StageTimer(seconds if seconds is not None else {}, prefix="planner_")
     comm = comm or Communicator()
-    n_blocks = source.n_blocks
     n_total = input_ids.shape[0]
     n_grad_total = n_total if grad_samples is None else \
         min(n_total, -(-_check_positive(grad_samples) // batch_size) * batch_size)
@@ -214,43 +213,72 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=2 * n_blocks, desc="rom_fast planner", unit="block")
+        bar = tqdm(total=2 * source.n_blocks, desc="rom_fast planner", unit="block")
     try:
         with tempfile.TemporaryDirectory(prefix="rom_fast_planner-", dir=workdir) as tmp:
-            saved = [Path(tmp) / f"input-{i:05d}.safetensors" for i in range(n_blocks)]
-            raw = {}
-            for i in range(n_blocks):
-                if n_grad:
-                    with timer("io"):
-                        write_safetensors(saved[i], {"hidden": hidden[:n_grad]})
-                raw.update(_forward_block(source, i, hidden, kwargs_list, masks, batch_size, timer, comm,
-                                          neuron_curves))
-                if bar is not None:
-                    bar.update(1)
+            saved = [Path(tmp) / f"input-{i:05d}.safetensors" for i in range(source.n_blocks)]
+            raw = _forward_sweep(source, hidden, kwargs_list, masks, batch_size, saved, n_grad, timer, comm,
+                                 neuron_curves, bar)
+            grads = None
             if n_grad:
                 with timer("head"):
                     grads = _loss_gradient(source, hidden[:n_grad], input_ids[:n_grad], attention_mask[:n_grad])
             del hidden
-            grad_sq: Dict[str, float] = {}
-            for i in reversed(range(n_blocks)):
-                if not n_grad:      # a process whose shard has none of the gradient's sequences
-                    grad_sq.update({source.adapter.block_prefix(i) + rel: 0.0 for rel in source.adapter.linear_names()})
-                    continue
-                with timer("io"):
-                    with safe_open(str(saved[i]), framework="pt") as f:
-                        inputs = f.get_tensor("hidden")
-                    saved[i].unlink()
-                grad_sq.update(_backward_block(source, i, inputs, grads, kwargs_list, masks, batch_size, timer))
-                del inputs
-                if bar is not None:
-                    bar.update(1)
+            grad_sq = _backward_sweep(source, saved, grads, kwargs_list, masks, batch_size, timer, bar)
     finally:
         if bar is not None:
             bar.close()
 
     release_freed_memory()       # the backward passes' buffers, before compression's own
+    return _reduced_spectra(raw, grad_sq, float(attention_mask[:n_grad].sum()), comm)
+
+
+def _forward_sweep(source: BlockSource, hidden: torch.Tensor, kwargs_list, masks, batch_size: int,
+                   saved: List[Path], n_grad: int, timer: StageTimer, comm: Communicator, neuron_curves: bool,
+                   bar) -> Dict[str, tuple]:
+    """Step 1, bottom up: each block's input (its first ``n_grad`` sequences) saved to
+    ``saved[i]``, then the block run in place in ``hidden`` with its spectra taken on the way;
+    returns every linear's ``{name: (d_out, d_in, eigenvalues, neuron curve or None)}``."""
+    raw: Dict[str, tuple] = {}
+    for i in range(source.n_blocks):
+        if n_grad:
+            with timer("io"):
+                write_safetensors(saved[i], {"hidden": hidden[:n_grad]})
+        raw.update(_forward_block(source, i, hidden, kwargs_list, masks, batch_size, timer, comm, neuron_curves))
+        if bar is not None:
+            bar.update(1)
+    return raw
+
+
+def _backward_sweep(source: BlockSource, saved: List[Path], grads: Optional[torch.Tensor], kwargs_list, masks,
+                    batch_size: int, timer: StageTimer, bar) -> Dict[str, float]:
+    """Step 3, top down: each block recomputed from its saved input (the file deleted once
+    read) and backpropagated from ``grads``, the gradient of its outputs, which becomes that of
+    its inputs; returns every linear's summed squared output gradient. ``grads`` None: this
+    process has none of the gradient's sequences (every sum 0)."""
+    grad_sq: Dict[str, float] = {}
+    for i in reversed(range(source.n_blocks)):
+        if grads is None:      # a process whose shard has none of the gradient's sequences
+            grad_sq.update({source.adapter.block_prefix(i) + rel: 0.0 for rel in source.adapter.linear_names()})
+            continue
+        with timer("io"):
+            with safe_open(str(saved[i]), framework="pt") as f:
+                inputs = f.get_tensor("hidden")
+            saved[i].unlink()
+        grad_sq.update(_backward_block(source, i, inputs, grads, kwargs_list, masks, batch_size, timer))
+        del inputs
+        if bar is not None:
+            bar.update(1)
+    return grad_sq
+
+
+def _reduced_spectra(raw: Dict[str, tuple], grad_sq: Dict[str, float], n_tokens: float,
+                     comm: Communicator) -> Dict[str, LayerSpectrum]:
+    """The LayerSpectrum of every linear: squared gradients and the gradient's token count
+    (this process's) summed over the processes, the sensitivities their per-token, per-output
+    means."""
     names = list(raw)
-    sums = np.array([grad_sq[n] for n in names] + [float(attention_mask[:n_grad].sum())], dtype=np.float64)
+    sums = np.array([grad_sq[n] for n in names] + [n_tokens], dtype=np.float64)
     comm.all_reduce(sums, "planner sensitivities")
     n_tokens = max(sums[-1], 1.0)
     return {name: LayerSpectrum(name, d_out, d_in, vals, float(sums[k]) / n_tokens / d_out, curve)
