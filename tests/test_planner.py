@@ -199,3 +199,37 @@ def test_planned_plan_meets_the_budget_and_saves_parameters_everywhere():
         assert plan.details["ratio"] <= 0.8 and plan.details["ratio"] > 0.75
         shapes = shape.shapes
         assert all(lowrank_params(*shapes[n], r) < shapes[n][0] * shapes[n][1] for n, r in plan.ranks.items())
+
+
+def test_spectra_grams_follow_gram_precision(monkeypatch):
+    """Every planner Gram (q/k/v, o_proj and gate/up inputs, down_proj outputs: 8 wide; down_proj
+    inputs for the neuron curve: 1536) takes the precision the pipeline's option resolves to for
+    its width (kernels.resolve_gram_precision): "auto" keeps the narrow ones float64 and makes the
+    1536-wide neuron Gram float32, as before; float32/float64 apply to all of them."""
+    from rom_fast import kernels
+    from rom_fast.distributed import Communicator
+    made = []
+    create = Communicator.gram_accumulator
+
+    def recording(self, dim, label="", **options):
+        made.append((dim, options.get("precision")))
+        return create(self, dim, label, **options)
+    monkeypatch.setattr(Communicator, "gram_accumulator", recording)
+    torch.manual_seed(0)
+    wide = AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        **dict(TINY, hidden_size=8, intermediate_size=kernels.FLOAT32_GRAM_MIN_DIM, num_hidden_layers=1))).eval()
+    ids, mask = _batch()
+    ids = ids % wide.config.vocab_size
+    results = {}
+    for precision in ("auto", "float32", "float64"):
+        made.clear()
+        results[precision] = collect_spectra(ModelSource(wide), ids, mask, batch_size=4, neuron_curves=True,
+                                             gram_precision=precision)
+        expected = {"auto": lambda d: "float32" if d >= 1536 else "float64"}.get(precision, lambda d: precision)
+        assert sorted(made) == sorted((d, expected(d)) for d in (8, 8, 8, 8, 1536)), (precision, made)
+    for name, s in results["auto"].items():      # the neuron curve is the float32 one; spectra the float64 ones
+        np.testing.assert_array_equal(s.eigenvalues, results["float64"][name].eigenvalues)
+        if s.neuron_curve is not None:
+            np.testing.assert_array_equal(s.neuron_curve[1], results["float32"][name].neuron_curve[1])
+    with pytest.raises(ValueError, match="gram_precision"):
+        collect_spectra(ModelSource(wide), ids, mask, gram_precision="half")

@@ -87,19 +87,22 @@ def _frozen(module: nn.Module):
 
 
 def _block_statistics(adapter: ModelAdapter, block: nn.Module, prefix: str, token_mask: List[torch.Tensor],
-                      timer: StageTimer, comm: Communicator, neuron_curves: bool = False):
+                      timer: StageTimer, comm: Communicator, neuron_curves: bool = False,
+                      gram_precision: str = "auto"):
     """Forward hooks accumulating, on the real tokens, the Gram each stage's spectra need: one
     shared input Gram for q/k/v and for gate/up, the output Gram of each linear whose input is
     wider than its output (down_proj), and with ``neuron_curves`` down_proj's input Gram too
-    (under the key ``NEURONS + name``). Returns (accumulators, output-route flags, handles)."""
+    (under the key ``NEURONS + name``), each in the precision ``gram_precision`` gives its width
+    (:func:`kernels.resolve_gram_precision`). Returns (accumulators, output-route flags, handles)."""
     accs: Dict[str, kernels.GramAccumulator] = {}
     output_route: Dict[str, bool] = {}
     handles = []
     if neuron_curves:
         (down,) = adapter.stages[3].linears
         mod = block.get_submodule(down)
+        precision = kernels.resolve_gram_precision(gram_precision, mod.in_features)
         accs[NEURONS + down] = comm.gram_accumulator(mod.in_features, f"inputs of {prefix}{down} (planner)",
-                                                     precision=_precision(mod.in_features))
+                                                     precision=precision)
 
         def neuron_hook(_m, args, _out):
             with timer("statistics"):
@@ -110,8 +113,9 @@ def _block_statistics(adapter: ModelAdapter, block: nn.Module, prefix: str, toke
         for rel in (stage.linears if lead.in_features > lead.out_features else stage.linears[:1]):
             mod = block.get_submodule(rel)
             use_out = mod.in_features > mod.out_features
-            accs[rel] = comm.gram_accumulator(mod.out_features if use_out else mod.in_features,
-                                              f"{'outputs' if use_out else 'inputs'} of {prefix}{rel} (planner)")
+            dim = mod.out_features if use_out else mod.in_features
+            accs[rel] = comm.gram_accumulator(dim, f"{'outputs' if use_out else 'inputs'} of {prefix}{rel} (planner)",
+                                              precision=kernels.resolve_gram_precision(gram_precision, dim))
             output_route[rel] = use_out
 
             def hook(_m, args, out, rel=rel, use_out=use_out):
@@ -123,11 +127,6 @@ def _block_statistics(adapter: ModelAdapter, block: nn.Module, prefix: str, toke
 
 
 NEURONS = "neurons:"   # key prefix of the down_proj input Gram among a block's accumulators
-
-
-def _precision(dim: int) -> str:
-    from rom_fast.pipeline import FLOAT32_GRAM_MIN_DIM
-    return "float32" if dim >= FLOAT32_GRAM_MIN_DIM else "float64"
 
 
 def neuron_curve(weight, gram) -> Tuple[np.ndarray, np.ndarray]:
@@ -171,7 +170,8 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
                     seconds: Optional[Dict[str, float]] = None,
                     grad_samples: Optional[int] = DEFAULT_GRAD_SAMPLES,
                     comm: Optional[Communicator] = None,
-                    neuron_curves: bool = False) -> Dict[str, LayerSpectrum]:
+                    neuron_curves: bool = False,
+                    gram_precision: str = "auto") -> Dict[str, LayerSpectrum]:
     """Spectra and sensitivities of every compressible linear of the dense model, one block in
     memory at a time, so a streamed 70B model is planned in the memory one block takes.
 
@@ -188,6 +188,10 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
     With ``neuron_curves``, every down_proj's input Gram is accumulated too and turned into its
     MLP's neuron curve (:func:`neuron_curve`), for plans that keep whole neurons.
 
+    ``gram_precision`` is the compression's option of that name, resolved per Gram by
+    :func:`kernels.resolve_gram_precision` ("auto": float32 blocks from FLOAT32_GRAM_MIN_DIM
+    columns up, exact float64 below).
+
     The result equals a whole-model forward and backward (the chain rule, split at block
     boundaries; inputs are saved exactly in ``activation_dtype``). ``grad_samples``: the
     sensitivities come from the first this many sequences only (rounded up to whole
@@ -201,6 +205,7 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
     """
     timer = StageTimer(seconds if seconds is not None else {}, prefix="planner_")
     comm = comm or Communicator()
+    kernels.resolve_gram_precision(gram_precision, 1)      # an unknown option is refused before any work
     n_total = input_ids.shape[0]
     n_grad_total = n_total if grad_samples is None else \
         min(n_total, -(-_check_positive(grad_samples) // batch_size) * batch_size)
@@ -218,7 +223,7 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
         with tempfile.TemporaryDirectory(prefix="rom_fast_planner-", dir=workdir) as tmp:
             saved = [Path(tmp) / f"input-{i:05d}.safetensors" for i in range(source.n_blocks)]
             raw = _forward_sweep(source, hidden, kwargs_list, masks, batch_size, saved, n_grad, timer, comm,
-                                 neuron_curves, bar)
+                                 neuron_curves, gram_precision, bar)
             grads = None
             if n_grad:
                 with timer("head"):
@@ -235,7 +240,7 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
 
 def _forward_sweep(source: BlockSource, hidden: torch.Tensor, kwargs_list, masks, batch_size: int,
                    saved: List[Path], n_grad: int, timer: StageTimer, comm: Communicator, neuron_curves: bool,
-                   bar) -> Dict[str, tuple]:
+                   gram_precision: str, bar) -> Dict[str, tuple]:
     """Step 1, bottom up: each block's input (its first ``n_grad`` sequences) saved to
     ``saved[i]``, then the block run in place in ``hidden`` with its spectra taken on the way;
     returns every linear's ``{name: (d_out, d_in, eigenvalues, neuron curve or None)}``."""
@@ -244,7 +249,8 @@ def _forward_sweep(source: BlockSource, hidden: torch.Tensor, kwargs_list, masks
         if n_grad:
             with timer("io"):
                 write_safetensors(saved[i], {"hidden": hidden[:n_grad]})
-        raw.update(_forward_block(source, i, hidden, kwargs_list, masks, batch_size, timer, comm, neuron_curves))
+        raw.update(_forward_block(source, i, hidden, kwargs_list, masks, batch_size, timer, comm, neuron_curves,
+                                  gram_precision))
         if bar is not None:
             bar.update(1)
     return raw
@@ -292,7 +298,8 @@ def _check_positive(n) -> int:
 
 
 def _forward_block(source: BlockSource, i: int, hidden: torch.Tensor, kwargs_list, masks, batch_size: int,
-                   timer: StageTimer, comm: Communicator, neuron_curves: bool = False) -> Dict[str, tuple]:
+                   timer: StageTimer, comm: Communicator, neuron_curves: bool = False,
+                   gram_precision: str = "auto") -> Dict[str, tuple]:
     """Block i over every sequence, in place in ``hidden``, with its stages' Grams accumulated
     on the way; returns its linears' ``{name: (d_out, d_in, eigenvalues, neuron curve or None)}``."""
     adapter = source.adapter
@@ -301,7 +308,7 @@ def _forward_block(source: BlockSource, i: int, hidden: torch.Tensor, kwargs_lis
     try:
         current = [masks[0]]           # the micro-batch's real-token mask, for the hooks
         accs, output_route, handles = _block_statistics(adapter, block, adapter.block_prefix(i), current, timer,
-                                                        comm, neuron_curves)
+                                                        comm, neuron_curves, gram_precision)
         try:
             with timer("forward"), torch.inference_mode():
                 for v, kw, m in zip(hidden.split(batch_size), kwargs_list, masks):
