@@ -372,7 +372,8 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
                 source, input_ids[:k], attention_mask[:k], batch_size=options.batch_size,
                 progress=progress, activation_dtype=options.activation_dtype,
                 workdir=str(out.parent) if out is not None else None, seconds=report.seconds,
-                grad_samples=planner_grad_samples, comm=comm, neuron_curves=neuron_curves)
+                grad_samples=planner_grad_samples, comm=comm, neuron_curves=neuron_curves,
+                gram_precision=options.gram_precision)
             spectra_json.update({n: sp.to_json() for n, sp in collected.items()})
             return collected
 

@@ -95,7 +95,7 @@ def check_config(cfg: dict, where: str) -> None:
 def _check_pruned_mlp(adapter, shapes: dict, prefix: str, specs: Dict[str, dict], where: str) -> None:
     """A pruned MLP must be pruned whole: gate/up keep the same k output rows and down_proj
     reads those k, 1 <= k <= intermediate_size; the other sides keep their sizes."""
-    inputs, (down,) = adapter.stages[2].linears, adapter.stages[3].linears
+    inputs, down = adapter.mlp.inputs, adapter.mlp.output
     if set(specs) != set(inputs) | {down}:
         raise CheckpointError(f"{where}: {prefix}: pruned layers {sorted(specs)} do not form a whole MLP "
                               f"({', '.join(inputs)} and {down})")

@@ -133,7 +133,7 @@ def run_plan(args) -> int:
     spectra = planner.collect_spectra(source, calib.input_ids, calib.attention_mask, batch_size=args.batch_size,
                                       progress=comm.is_root, activation_dtype=_dtype(args.activation_dtype),
                                       grad_samples=args.grad_samples, comm=comm,
-                                      neuron_curves=structure != "lowrank")
+                                      neuron_curves=structure != "lowrank", gram_precision="auto")
     plan = planner.planned(shape, args.budget, spectra, args.weighting, structure)
     if not comm.is_root:
         return 0

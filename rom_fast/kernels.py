@@ -26,6 +26,23 @@ AnchorCorrection = _core.AnchorCorrection
 set_num_threads = _core.set_num_threads
 get_num_threads = _core.get_num_threads
 
+# Grams at least this wide multiply float32 activations in float32 blocks (ssyrk, accumulated in
+# float64; error <= ~6e-5 of sum|x_i||x_j| per element, measured ~1e-7): 1.56x/1.95x/1.70x
+# torch's float32 X^T X at d = 1536/4096/11008, but 0.62x at 576 (bench/README.md, "Gram").
+FLOAT32_GRAM_MIN_DIM = 1536
+GRAM_PRECISIONS = ("auto", "float32", "float64")
+
+
+def resolve_gram_precision(precision: str, dim: int) -> str:
+    """The GramAccumulator precision of a ``dim``-column Gram under a ``gram_precision`` option:
+    "auto" is "float32" from FLOAT32_GRAM_MIN_DIM columns up and "float64" below; "float32"
+    and "float64" are taken as they are."""
+    if precision not in GRAM_PRECISIONS:
+        raise ValueError(f"gram_precision must be 'auto', 'float32' or 'float64', got {precision!r}")
+    if precision == "auto":
+        return "float32" if dim >= FLOAT32_GRAM_MIN_DIM else "float64"
+    return precision
+
 
 class GramAccumulator(_core.GramAccumulator):
     """Streaming ``XᵀX`` (float64), column sum and token count over row-major chunks.

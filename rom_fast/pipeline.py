@@ -35,15 +35,9 @@ from rom_fast.adapters import ModelAdapter
 from rom_fast.blockwise import capture_block_inputs
 from rom_fast.distributed import Communicator
 from rom_fast.lowrank import set_module
+from rom_fast.sources import BlockSource, release_freed_memory
 from rom_fast.structures import LOWRANK, NEURONS
 from rom_fast.structures.lowrank import OUTPUT
-from rom_fast.sources import BlockSource, release_freed_memory
-
-
-# Grams at least this wide multiply float32 activations in float32 blocks (ssyrk, accumulated in
-# float64; error <= ~6e-5 of sum|x_i||x_j| per element, measured ~1e-7): 1.56x/1.95x/1.70x
-# torch's float32 X^T X at d = 1536/4096/11008, but 0.62x at 576 (bench/README.md, "Gram").
-FLOAT32_GRAM_MIN_DIM = 1536
 
 # The anchor weight alpha a run uses unless told (bench/README.md, "Dense-anchored targets").
 DEFAULT_ANCHOR = 0.0
@@ -79,7 +73,7 @@ class CompressionOptions:
             raise ValueError(f"anchor must be >= 0 (0: the paper's objective, inf: the dense outputs), got {self.anchor}")
         if self.anchor and self.centered:
             raise ValueError("anchor= and centered= cannot be combined")
-        if self.gram_precision not in ("auto", "float32", "float64"):
+        if self.gram_precision not in kernels.GRAM_PRECISIONS:
             raise ValueError(f"gram_precision must be 'auto', 'float32' or 'float64', got {self.gram_precision!r}")
         if not (self.ridge > 0):
             raise ValueError(f"ridge must be > 0, got {self.ridge}")
@@ -141,7 +135,7 @@ def _inputs_label(prefix: str, linears) -> str:
 
 class Statistics:
     """The one place the loop's accumulators are made: Grams of activations (float64, or
-    float32 blocks added in float64 at ``FLOAT32_GRAM_MIN_DIM`` columns and wider under
+    float32 blocks added in float64 at ``kernels.FLOAT32_GRAM_MIN_DIM`` columns and wider under
     "auto") and the cross moments of dense-anchored targets. The communicator's accumulators
     sum over the processes of a data-parallel run when read; another backend (a device) plugs
     in here without the loop knowing."""
@@ -149,13 +143,8 @@ class Statistics:
     def __init__(self, comm: Communicator, precision: str = "auto"):
         self.comm, self.precision = comm, precision
 
-    def precision_for(self, dim: int) -> str:
-        if self.precision != "auto":
-            return self.precision
-        return "float32" if dim >= FLOAT32_GRAM_MIN_DIM else "float64"
-
     def gram(self, dim: int, label: str) -> kernels.GramAccumulator:
-        return self.comm.gram_accumulator(dim, label, precision=self.precision_for(dim))
+        return self.comm.gram_accumulator(dim, label, precision=kernels.resolve_gram_precision(self.precision, dim))
 
     def cross(self, dim_dense: int, dim_comp: int, label: str) -> kernels.CrossGramAccumulator:
         return self.comm.cross_accumulator(dim_dense, dim_comp, label)

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from rom_fast import plans
 from rom_fast.adapters import adapter_for
 from rom_fast.lowrank import lowrank_params
-from rom_fast.planner import LayerSpectrum, _loss_curve, allocate, collect_spectra, planned
+from rom_fast.planner import LayerSpectrum, allocate, collect_spectra, planned
+from rom_fast.planner.allocation import _linear_hull, _loss_curve
 from rom_fast.sources import ModelSource
 
 TINY = dict(vocab_size=97, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
@@ -125,6 +126,59 @@ def test_allocation_is_feasible_and_near_the_brute_force_optimum(seed):
         assert best - 1e-12 <= loss <= best + worst_step
 
 
+def _inline_hull_options(s, weighting):
+    """The planner's former per-linear hull (its own monotone chain, before there was one hull
+    routine), kept as the reference: [(params, loss, rank or None for dense)]."""
+    loss = _loss_curve(s, weighting)
+    dense = s.d_out * s.d_in
+    points = [(dense, 0.0, None)]
+    r_max = min(len(s.eigenvalues), s.d_out, s.d_in)
+    for r in range(r_max, 0, -1):
+        p = lowrank_params(s.d_out, s.d_in, r)
+        if p < dense:
+            points.append((p, float(loss[r]), r))
+    hull = []
+    for pt in points:   # params strictly decreasing: monotone-chain lower hull
+        while len(hull) >= 2:
+            (p1, l1, _), (p2, l2, _) = hull[-2], hull[-1]
+            if (l2 - l1) * (p1 - pt[0]) >= (pt[1] - l1) * (p1 - p2):
+                hull.pop()
+            else:
+                break
+        hull.append(pt)
+    return hull
+
+
+def _random_spectrum(rng):
+    d_out, d_in = (int(v) for v in rng.integers(1, 48, size=2))
+    n = int(rng.integers(0, min(d_out, d_in) + 3))
+    kind = rng.integers(5)
+    if kind == 0:
+        ev = rng.exponential(size=n)
+    elif kind == 1:       # repeated values and exact zeros: collinear hull points
+        ev = rng.choice([0.0, 1.0, 2.0, 0.5], size=n)
+    elif kind == 2:       # integer-valued, many equal slopes
+        ev = rng.integers(0, 4, size=n).astype(np.float64)
+    elif kind == 3:       # wide dynamic range
+        ev = 10.0 ** rng.uniform(-12, 8, size=n)
+    else:
+        ev = np.zeros(n)
+    sensitivity = float(rng.choice([0.0, rng.uniform(1e-6, 10)]))
+    return LayerSpectrum("x", d_out, d_in, np.sort(ev)[::-1] * rng.uniform(0.01, 100), sensitivity)
+
+
+def test_one_hull_routine_gives_the_former_inline_hull_exactly():
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        s = _random_spectrum(rng)
+        for weighting in ("fisher", "energy", "tail"):
+            got = [(o.params, repr(o.loss), dict(o.ranks).get("x"), o.neurons, len(o.ranks))
+                   for o in _linear_hull("x", s, weighting)]
+            ref = [(p, repr(l), r, None, 0 if r is None else 1) for p, l, r in _inline_hull_options(s, weighting)]
+            assert got == ref, (s, weighting)
+            assert all(type(o.params) is int and type(o.loss) is float for o in _linear_hull("x", s, weighting))
+
+
 def test_allocation_errors():
     s = {"a": LayerSpectrum("a", 4, 4, np.ones(4), 1.0)}
     with pytest.raises(ValueError, match="budget"):
@@ -145,3 +199,37 @@ def test_planned_plan_meets_the_budget_and_saves_parameters_everywhere():
         assert plan.details["ratio"] <= 0.8 and plan.details["ratio"] > 0.75
         shapes = shape.shapes
         assert all(lowrank_params(*shapes[n], r) < shapes[n][0] * shapes[n][1] for n, r in plan.ranks.items())
+
+
+def test_spectra_grams_follow_gram_precision(monkeypatch):
+    """Every planner Gram (q/k/v, o_proj and gate/up inputs, down_proj outputs: 8 wide; down_proj
+    inputs for the neuron curve: 1536) takes the precision the pipeline's option resolves to for
+    its width (kernels.resolve_gram_precision): "auto" keeps the narrow ones float64 and makes the
+    1536-wide neuron Gram float32, as before; float32/float64 apply to all of them."""
+    from rom_fast import kernels
+    from rom_fast.distributed import Communicator
+    made = []
+    create = Communicator.gram_accumulator
+
+    def recording(self, dim, label="", **options):
+        made.append((dim, options.get("precision")))
+        return create(self, dim, label, **options)
+    monkeypatch.setattr(Communicator, "gram_accumulator", recording)
+    torch.manual_seed(0)
+    wide = AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        **dict(TINY, hidden_size=8, intermediate_size=kernels.FLOAT32_GRAM_MIN_DIM, num_hidden_layers=1))).eval()
+    ids, mask = _batch()
+    ids = ids % wide.config.vocab_size
+    results = {}
+    for precision in ("auto", "float32", "float64"):
+        made.clear()
+        results[precision] = collect_spectra(ModelSource(wide), ids, mask, batch_size=4, neuron_curves=True,
+                                             gram_precision=precision)
+        expected = {"auto": lambda d: "float32" if d >= 1536 else "float64"}.get(precision, lambda d: precision)
+        assert sorted(made) == sorted((d, expected(d)) for d in (8, 8, 8, 8, 1536)), (precision, made)
+    for name, s in results["auto"].items():      # the neuron curve is the float32 one; spectra the float64 ones
+        np.testing.assert_array_equal(s.eigenvalues, results["float64"][name].eigenvalues)
+        if s.neuron_curve is not None:
+            np.testing.assert_array_equal(s.neuron_curve[1], results["float32"][name].neuron_curve[1])
+    with pytest.raises(ValueError, match="gram_precision"):
+        collect_spectra(ModelSource(wide), ids, mask, gram_precision="half")

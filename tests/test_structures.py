@@ -21,7 +21,8 @@ from rom_fast import plans
 from rom_fast.adapters import adapter_for
 from rom_fast.checkpoint import check_config
 from rom_fast.lowrank import PrunedLinear, mlp_neuron_params
-from rom_fast.planner import LayerSpectrum, _loss_curve, allocate, allocate_plan, collect_spectra, planned
+from rom_fast.planner import LayerSpectrum, allocate, allocate_plan, collect_spectra, planned
+from rom_fast.planner.allocation import _loss_curve
 from rom_fast.safetensors_index import CheckpointError
 from rom_fast.sources import ModelSource
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from rom_fast import kernels
-from rom_fast.lowrank import from_factors, set_module
+from rom_fast.lowrank import from_factors, lowrank_params, set_module
 
 # Kinds of statistics a structure reads from a sublayer's output stage.
 CORE = "core"          # the output linear's inputs
@@ -145,6 +145,20 @@ class LowRank:
     def replace(block, name: str, linear, f: kernels.Factorization) -> None:
         with torch.inference_mode(False):   # ordinary parameters: the model can be cast, saved, fine-tuned
             set_module(block, name, from_factors(linear, f.w1, f.w2, f.b1, f.b2))
+
+    # -- planner curve --------------------------------------------------------------------------
+    @staticmethod
+    def planner_points(d_out: int, d_in: int, loss) -> List[Tuple[int, float, Optional[int]]]:
+        """``(parameters, loss, rank)`` of dense (rank None, loss 0), then of every
+        parameter-saving rank from the highest down (parameters strictly decreasing);
+        ``loss[r]`` is the planner's estimated loss of rank r."""
+        dense = d_out * d_in
+        points = [(dense, 0.0, None)]
+        for r in range(min(len(loss) - 1, d_out, d_in), 0, -1):
+            p = lowrank_params(d_out, d_in, r)
+            if p < dense:
+                points.append((p, float(loss[r]), r))
+        return points
 
     # -- the loop's calls (rom_fast.pipeline.SublayerStep) ----------------------------------------
     def compress_inputs(self, step, stats: list, ranks: dict) -> None:

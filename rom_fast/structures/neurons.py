@@ -13,7 +13,9 @@ import numpy as np
 import torch
 
 from rom_fast import kernels
-from rom_fast.lowrank import pruned_linear, set_module
+from typing import List, Tuple
+
+from rom_fast.lowrank import mlp_neuron_params, pruned_linear, set_module
 from rom_fast.structures.lowrank import CORE
 
 # Greedy neuron selection removes about n / SELECTION_GROUPS neurons per exact step: each step
@@ -80,6 +82,15 @@ class KeptNeurons:
         for name, lin in zip(list(sub.inputs) + [sub.output], inputs + [down]):
             step.record(name, lin, keep, energy, "neurons")
         return None
+
+    # -- planner curve --------------------------------------------------------------------------
+    @staticmethod
+    def planner_points(d_model: int, n: int, curve, weight: float) -> List[Tuple[int, float, int]]:
+        """``(parameters, loss, kept neurons)`` of every point of the greedy removal's curve
+        (kept counts, output error energy) that keeps 1 to n - 1 neurons, the loss scaled by
+        the planner's ``weight``."""
+        return [(mlp_neuron_params(d_model, int(k)), weight * float(loss), int(k))
+                for k, loss in zip(*curve) if 1 <= k < n]
 
     # -- modules --------------------------------------------------------------------------------
     @staticmethod
