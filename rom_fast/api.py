@@ -258,7 +258,8 @@ class CompressionRun:
     :meth:`fingerprint`; validates, restarts or resumes ``out``), :meth:`evaluate_before`,
     :meth:`plan_or_resume`, :meth:`compress_blocks` (each finished block committed by
     :meth:`block_done`), :meth:`commit` (summary, metadata, the output renamed into place),
-    :meth:`evaluate_after`, then :meth:`result`.
+    :meth:`evaluate_after`, then :meth:`result`. :func:`plan` runs :meth:`open_source` and
+    :meth:`make_plan` alone.
 
     Built from compress's arguments, which are all checked here, before any work."""
 
@@ -623,3 +624,40 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
     run.evaluate_after()
     return run.result()
 
+
+@dataclass
+class PlanResult:
+    """What :func:`plan` returns. ``plan``: the :class:`~rom_fast.plans.RankPlan` compress would
+    use (``ranks``, ``neurons``, ``description``, ``details``; ``compress(..., ranks=
+    dict(plan.to_json(), neurons=plan.neurons))`` applies it); ``spectra``: the planner's
+    per-layer :class:`~rom_fast.planner.LayerSpectrum` objects, in block order, when it ran (None
+    for ``ranks=``, ``recipe=`` or ``last_k=`` plans); ``shape``: the model's
+    :class:`~rom_fast.plans.ModelShape` (for :func:`rom_fast.planner.plot_plan`)."""
+
+    plan: plans.RankPlan
+    spectra: Optional[Dict[str, "planner.LayerSpectrum"]]
+    shape: plans.ModelShape
+
+
+def plan(model, calibration=None, budget: Optional[float] = None, *, recipe: Optional[str] = None,
+         ranks=None, last_k: Optional[int] = None, tokenizer=None, n_samples: int = 512, seq_len: int = 128,
+         seed: Optional[int] = 0, batch_size: int = 8, progress: bool = True, planner_samples: int = 128,
+         planner_grad_samples: int = planner.DEFAULT_GRAD_SAMPLES, weighting: str = "fisher",
+         activation_dtype: Union[str, torch.dtype] = "float32",
+         mlp_structure: str = planner.DEFAULT_MLP_STRUCTURE) -> PlanResult:
+    """The plan :func:`compress` would make with the same arguments, without compressing.
+
+    Arguments as for :func:`compress` (the same checks and refusals, by the same code: one
+    :class:`CompressionRun` stopped after its plan). The calibration tokens are read, or
+    sampled for ``"generated"``, only when the rank planner runs, after the budget is found
+    reachable; the planner's spectra come from the first ``planner_samples`` of the
+    ``n_samples`` sequences, as in compress. Nothing is written. Returns a :class:`PlanResult`.
+    """
+    run = CompressionRun(model, calibration, budget, recipe=recipe, ranks=ranks, last_k=last_k,
+                         tokenizer=tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                         batch_size=batch_size, progress=progress, planner_samples=planner_samples,
+                         planner_grad_samples=planner_grad_samples, weighting=weighting,
+                         activation_dtype=activation_dtype, mlp_structure=mlp_structure)
+    run.open_source()
+    result, spectra = run.make_plan()
+    return PlanResult(result, spectra, run.shape)
