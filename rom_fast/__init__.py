@@ -18,7 +18,7 @@ from rom_fast.kernels import (
 )
 
 from rom_fast import evaluate   # rom_fast.evaluate.wikitext2_perplexity / .zero_shot
-from rom_fast.api import CompressionResult, compress
+from rom_fast.api import CompressionResult, PlanResult, compress, plan
 from rom_fast.pipeline import DEFAULT_ANCHOR
 from rom_fast.checkpoint import load, register_all as _register_all
 from rom_fast.safetensors_index import CheckpointError
@@ -32,7 +32,7 @@ __version__ = _core.__version__
 _register_all()
 
 __all__ = [
-    "compress", "CompressionResult", "CheckpointError", "load", "open_source", "BlockSource", "DirectorySource", "ModelSource",
+    "compress", "CompressionResult", "plan", "PlanResult", "CheckpointError", "load", "open_source", "BlockSource", "DirectorySource", "ModelSource",
     "DEFAULT_ANCHOR", "choose_execution", "evaluate", "Factorization", "GramAccumulator", "InputFactor", "LapackError", "__version__",
     "eigenvalues", "factorize", "factorize_output_gram", "get_num_threads", "input_factor",
     "lowrank_apply", "output_spectrum", "set_num_threads", "top_eigenpairs",

@@ -8,6 +8,7 @@ the same loop, one block at a time.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -235,6 +236,320 @@ def _open_output(comm, out: Path, fingerprint: dict, command: str, overwrite: bo
     return output
 
 
+def refuse_merged_neurons(merge: bool, mlp_structure: Optional[str] = None,
+                          plan: Optional[plans.RankPlan] = None) -> None:
+    """The one owner of the merge-versus-neurons rule: a merged checkpoint is the base
+    architecture, whose MLPs all keep ``intermediate_size`` neurons. Called before any work
+    with the requested ``mlp_structure``, and with the ``plan`` once it is known."""
+    if not merge:
+        return
+    if mlp_structure == "neurons":
+        raise ValueError("merge=True writes a plain checkpoint of the base architecture, whose MLPs all have "
+                         "intermediate_size neurons: mlp_structure='neurons' cannot be merged")
+    if plan is not None and plan.neurons:
+        raise ValueError("merge=True writes a plain checkpoint of the base architecture, whose MLPs all "
+                         f"have intermediate_size neurons; this plan keeps fewer in {len(plan.neurons)} "
+                         "MLPs: save it factorized, or plan with mlp_structure='lowrank'")
+
+
+class CompressionRun:
+    """One :func:`compress` call as named steps, run in this order by :func:`compress`:
+    :meth:`open_inputs` (source, calibration tokens), :meth:`open_output` (its
+    :meth:`fingerprint`; validates, restarts or resumes ``out``), :meth:`evaluate_before`,
+    :meth:`plan_or_resume`, :meth:`compress_blocks` (each finished block committed by
+    :meth:`block_done`), :meth:`commit` (summary, metadata, the output renamed into place),
+    :meth:`evaluate_after`, then :meth:`result`. :func:`plan` runs :meth:`open_source` and
+    :meth:`make_plan` alone.
+
+    Built from compress's arguments, which are all checked here, before any work."""
+
+    def __init__(self, model, calibration=None, budget: Optional[float] = None, *, recipe: Optional[str] = None,
+                 ranks=None, last_k: Optional[int] = None, out=None, tokenizer=None,
+                 n_samples: int = 512, seq_len: int = 128, seed: Optional[int] = 0,
+                 centered: bool = False, batch_size: int = 8, merge: bool = False,
+                 overwrite: bool = False, restart: bool = False, progress: bool = True,
+                 command: Optional[str] = None, planner_samples: int = 128,
+                 planner_grad_samples: int = planner.DEFAULT_GRAD_SAMPLES, weighting: str = "fisher",
+                 activation_dtype: Union[str, torch.dtype] = "float32",
+                 eval_windows: int = 0, anchor: float = DEFAULT_ANCHOR, ridge: float = 1e-3,
+                 gram_precision: str = "auto", mlp_structure: str = planner.DEFAULT_MLP_STRUCTURE):
+        self.t0 = time.perf_counter()
+        self.options = CompressionOptions(centered=centered, batch_size=_check_int("batch_size", batch_size, 1),
+                                          activation_dtype=activation_dtype, anchor=float(anchor),
+                                          ridge=float(ridge), gram_precision=gram_precision)
+        if merge and mlp_structure == "auto":
+            mlp_structure = "lowrank"     # a merged checkpoint is the base architecture: one MLP width
+        refuse_merged_neurons(merge, mlp_structure)
+        self.request = PlanRequest(budget, recipe, ranks, last_k, weighting, planner_samples, planner_grad_samples,
+                                   mlp_structure)
+        self.n_samples = _check_int("n_samples", n_samples, 1)
+        self.seq_len = _check_int("seq_len", seq_len, 2)
+        self.eval_windows = _check_int("eval_windows", eval_windows, 0)
+        self.comm = distributed.communicator()
+        self.progress = progress and self.comm.is_root       # one process draws the bars
+        self.out = None if out is None else Path(out)
+        if self.out is not None:
+            check_replaceable(self.out, overwrite, model if isinstance(model, (str, os.PathLike)) else None)
+        self.model, self.tokenizer, self.calibration, self.seed = model, tokenizer, calibration, seed
+        self.centered, self.merge, self.overwrite, self.restart = centered, merge, overwrite, restart
+        self.command = command or " ".join(shlex.quote(a) for a in sys.argv)
+        self.source: Optional[BlockSource] = None
+        self.tok = None
+        self.generated: Optional[bool] = None      # known once the calibration is read
+        self.calib: Optional[CalibrationBatch] = None
+        self.input_ids = self.attention_mask = self.description = None
+        self.output: Optional[ResumableOutput] = None
+        self.plan: Optional[plans.RankPlan] = None
+        self.report = CompressionReport()
+        self.spectra_json: dict = {}
+        self.perplexity: dict = {}
+        self.summary: dict = {}
+        self.layers: dict = {}
+        self.result_model: Optional[nn.Module] = None
+        self.bar = None
+
+    # -- inputs and calibration ------------------------------------------------------------
+
+    def open_inputs(self) -> None:
+        """The source and the calibration tokens given (for "generated", sampled later: tokens())."""
+        self.open_source()
+        self.read_calibration()
+
+    def open_source(self) -> None:
+        self.source = open_source(self.model, self.tokenizer)
+        self.tok = self.source.tokenizer
+
+    def read_calibration(self) -> None:
+        calibration = self.calibration
+        if calibration is None:
+            calibration = default_calibration()
+            if calibration == "generated":
+                print("rom_fast: no calibration data given and none found under "
+                      f"{default_data_dir()}; sampling calibration text from the model itself",
+                      file=sys.stderr)
+        self.generated = isinstance(calibration, str) and calibration == "generated"
+        if not self.generated:
+            if self.tok is None and not isinstance(calibration, (torch.Tensor, dict, tuple, CalibrationBatch)):
+                raise ValueError("a tokenizer is needed to tokenize the calibration data: pass tokenizer=")
+            self.calib = calibration_tokens(calibration, self.tok, n_samples=self.n_samples, seq_len=self.seq_len,
+                                            seed=self.seed)
+            release_freed_memory()     # the tokenizer's buffers for a whole corpus
+
+    def tokens(self) -> None:
+        """A fresh run's calibration tokens (sampled from the model for "generated"), process 0's
+        on every process, in ``input_ids``, ``attention_mask``, ``description``."""
+        if self.input_ids is not None:
+            return
+        if self.generated is None:
+            self.read_calibration()
+        calib = self.calib
+        if calib is None:
+            calib = calibration_tokens("generated", self.tok, n_samples=self.n_samples, seq_len=self.seq_len,
+                                       seed=self.seed, model=self.source)
+        calib = self.comm.broadcast(calib, "calibration")        # process 0's tokens on every process
+        self.input_ids, self.attention_mask, self.description = \
+            calib.input_ids, calib.attention_mask, calib.description
+
+    # -- fingerprint and output ------------------------------------------------------------
+
+    def fingerprint(self) -> dict:
+        """What a resumed run must share with the interrupted one."""
+        options = self.options
+        return {
+            "source": self.source.fingerprint(),
+            "calibration": f"generated:{self.n_samples}:{self.seq_len}:{self.seed}" if self.generated
+            else _tokens_key(self.calib.input_ids, self.calib.attention_mask),
+            "plan": self.request.to_json(),
+            "options": {"centered": self.centered, "batch_size": options.batch_size, "merge": self.merge,
+                        "activation_dtype": str(options.activation_dtype), "eigen_method": options.eigen_method,
+                        "gram_precision": options.gram_precision,
+                        **({"anchor": options.anchor, "ridge": options.ridge} if options.anchor else {})},
+        }
+
+    def open_output(self) -> None:
+        if self.out is not None:
+            self.output = _open_output(self.comm, self.out, self.fingerprint(), self.command, self.overwrite,
+                                       self.restart)
+
+    # -- plan or resume --------------------------------------------------------------------
+
+    @functools.cached_property
+    def shape(self) -> plans.ModelShape:
+        return self.source.shape()
+
+    @property
+    def last_block(self) -> int:
+        return max((self.shape.block_of[n] for n in self.plan.modules()), default=-1)
+
+    def plan_or_resume(self) -> None:
+        """The interrupted run's tokens and plan, or a fresh run's (then the output started)."""
+        self.shape                  # the model's shape is read first, as it always was
+        output = self.output
+        if output is not None and output.resumed:
+            self.input_ids, self.attention_mask = output.calibration()
+            self.description = output.state["calibration"]
+            self.plan = plans.RankPlan(**output.state["plan"])
+            self.spectra_json = output.spectra_json()
+            if self.comm.is_root:
+                print(f"rom_fast: resuming the interrupted run in {output.partial}: "
+                      f"{output.blocks_done} of {self.last_block + 1} blocks done", file=sys.stderr)
+            return
+        self.tokens()
+        if self.out is not None:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.plan = self.make_plan()[0]
+        if output is not None:
+            self.start_output()
+
+    def make_plan(self):
+        """``(plan, spectra)``: the request resolved (process 0's plan, bit for bit, on every
+        process), with the planner's spectra when it ran (else None)."""
+        collected = []
+
+        def spectra(neuron_curves: bool = False):
+            self.tokens()
+            k = min(self.request.planner_samples, self.input_ids.shape[0])
+            collected.append(planner.collect_spectra(
+                self.source, self.input_ids[:k], self.attention_mask[:k], batch_size=self.options.batch_size,
+                progress=self.progress, activation_dtype=self.options.activation_dtype,
+                workdir=str(self.out.parent) if self.out is not None else None, seconds=self.report.seconds,
+                grad_samples=self.request.planner_grad_samples, comm=self.comm, neuron_curves=neuron_curves,
+                gram_precision=self.options.gram_precision))
+            self.spectra_json.update({n: sp.to_json() for n, sp in collected[0].items()})
+            return collected[0]
+
+        plan = self.comm.broadcast(self.request.resolve(self.shape, spectra), "plan")
+        refuse_merged_neurons(self.merge, plan=plan)
+        return plan, (collected[0] if collected else None)
+
+    def start_output(self) -> None:
+        """The fresh run's plan, tokens and spectra saved in the output, after a free-space check."""
+        output, shape, options, source = self.output, self.shape, self.options, self.source
+        kept = self.plan.details.get("kept_params", shape.total_params) if not self.merge else shape.total_params
+        hidden_bytes = self.input_ids.numel() * source.config.hidden_size * \
+            torch.empty(0, dtype=options.activation_dtype).element_size() * (2 if options.anchor else 1)
+        weight_bytes = source.param_count * torch.empty(0, dtype=source.storage_dtype).element_size()
+        needed = int(weight_bytes * kept / shape.total_params) + 2 * hidden_bytes
+        output.state = self.comm.from_root(
+            lambda: output.start(self.plan.to_json(), self.input_ids, self.attention_mask, self.description,
+                                 self.spectra_json, needed_bytes=needed) or output.state, "output")
+        self.comm.check_all(output.partial.is_dir(), f"{output.partial} is not visible here: "
+                            "--out must be on storage every process sees")
+
+    # -- blocks ----------------------------------------------------------------------------
+
+    def compress_blocks(self) -> None:
+        output, source = self.output, self.source
+        self.start = output.blocks_done if output is not None else 0
+        if output is not None and not source.streamed:
+            for i in range(self.start):
+                _restore_block(source, i, output)
+        if output is not None:
+            self.report.layers.extend(LayerRecord(**r) for r in output.state["records"])
+        if self.progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=self.last_block + 1, initial=self.start, desc="rom_fast blocks", unit="block")
+        try:
+            compress_blocks(source, self.input_ids, self.attention_mask, self.plan.ranks, self.options,
+                            progress=self.tick, neurons=self.plan.neurons, block_done=self.block_done,
+                            start_block=self.start, report=self.report, comm=self.comm,
+                            start_hidden=output.load_hidden if output is not None and self.start > 0 else None)
+        except BaseException:
+            if output is not None:
+                output.abandon()
+            raise
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+
+    def tick(self, done, total) -> None:
+        if self.bar is not None:
+            self.bar.n = done
+            self.bar.refresh()
+
+    def block_done(self, i: int, block: nn.Module, hidden: torch.Tensor) -> None:
+        """Block ``i`` finished: merged if asked, committed to the output, released."""
+        if self.merge:
+            merge_lowrank(block)
+        if self.output is not None:
+            prefix = self.source.adapter.block_prefix(i)
+            records = [dataclasses.asdict(r) for r in self.report.layers if r.name.startswith(prefix)]
+            self.output.commit_block(i, self.source.block_tensors(i), self.source.block_dtype(i),
+                                     factorized_layers(block, prefix), records,
+                                     hidden if i < self.last_block else None)
+        # A streamed block is dropped once written; without `out` it stays (it is the result).
+        # release_block also narrows a half-precision in-memory model's block back.
+        if self.output is not None or not self.source.streamed:
+            self.source.release_block(i)
+
+    # -- commit, summary and metadata ------------------------------------------------------
+
+    def commit(self) -> None:
+        """The summary; with ``out``, the metadata written and the output renamed into place."""
+        output, source, comm = self.output, self.source, self.comm
+        self.summary = {
+            "params_before": source.param_count,
+            "calibration": self.description, "n_tokens": int(self.attention_mask.sum()),
+            "centered": self.centered, "streamed": source.streamed, "merged": self.merge,
+            "activation_dtype": str(self.options.activation_dtype).replace("torch.", ""),
+            "plan_ratio": self.plan.details.get("ratio"),
+            "resumed_from_block": self.start,
+        }
+        if self.perplexity:
+            self.summary["perplexity"] = self.perplexity
+        if output is None:
+            self.result_model = source.finished_model()
+            self.finish_summary(plans.total_params(self.result_model))
+            return
+        self.layers = {n: spec for i in range(self.last_block + 1) for n, spec in output.block_layers(i).items()} \
+            if comm.is_root else {}
+        self.generation_config = getattr(source.model, "generation_config", None)
+        params_after = comm.from_root(lambda: output.finish(range(self.last_block + 1, source.n_blocks),
+                                                            source.original_block_tensors,
+                                                            source.outer_tensors(), self.write_metadata), "output")
+        if not comm.is_root:
+            self.finish_summary(params_after)
+        if not source.streamed:
+            self.result_model = source.model
+
+    def finish_summary(self, params_after: int) -> dict:
+        summary = self.summary
+        summary["params_after"] = params_after
+        summary["ratio"] = params_after / summary["params_before"]
+        summary["seconds"] = dict(self.report.seconds, total=time.perf_counter() - self.t0)
+        summary["peak_rss_bytes"] = peak_rss_bytes()
+        summary.update(distributed.traffic_summary(self.comm))
+        return summary
+
+    def write_metadata(self, directory: Path, params_after: int) -> None:
+        """config.json's rom_fast section, the model card and the tokenizer, into ``directory``."""
+        self.finish_summary(params_after)
+        source, plan = self.source, self.plan
+        meta = {"plan": plan.to_json(), "summary": self.summary, "command": self.command, "source": source.name,
+                "layer_energy": {r.name: r.retained_energy for r in self.report.layers},
+                "spectra": self.spectra_json}
+        card = _model_card(source.name, plan, self.description, len(self.layers), source.param_count,
+                           params_after, self.merge, self.command)
+        write_metadata(directory, source.config, self.tok, meta, card, self.layers, self.merge,
+                       self.generation_config)
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    def evaluate_before(self) -> None:
+        if self.eval_windows:
+            self.perplexity["before"] = _perplexity(self.source, self.tok, self.eval_windows, self.progress,
+                                                    self.comm)
+
+    def evaluate_after(self) -> None:
+        if self.perplexity and self.perplexity["before"] is not None:
+            after = self.result_model if self.result_model is not None else open_source(self.out, self.tok)
+            self.perplexity["after"] = _perplexity(after, self.tok, self.eval_windows, self.progress, self.comm)
+            self.summary.update(distributed.traffic_summary(self.comm))
+
+    def result(self) -> CompressionResult:
+        return CompressionResult(self.out, self.summary, self.plan, self.report, self.result_model)
+
+
 def compress(model, calibration=None, budget: Optional[float] = None, *, recipe: Optional[str] = None,
              ranks=None, last_k: Optional[int] = None, out=None, tokenizer=None,
              n_samples: int = 512, seq_len: int = 128, seed: Optional[int] = 0,
@@ -294,200 +609,56 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
     Returns a :class:`CompressionResult`: ``.model`` (in memory, or loaded lazily from ``out``
     for a streamed directory), ``.path``, ``.summary``, ``.plan``, ``.report``.
     """
-    t0 = time.perf_counter()
-    options = CompressionOptions(centered=centered, batch_size=_check_int("batch_size", batch_size, 1),
-                                 activation_dtype=activation_dtype, anchor=float(anchor), ridge=float(ridge),
-                                 gram_precision=gram_precision)
-    if merge and mlp_structure == "auto":
-        mlp_structure = "lowrank"     # a merged checkpoint is the base architecture: one MLP width
-    if merge and mlp_structure == "neurons":
-        raise ValueError("merge=True writes a plain checkpoint of the base architecture, whose MLPs all have "
-                         "intermediate_size neurons: mlp_structure='neurons' cannot be merged")
-    request = PlanRequest(budget, recipe, ranks, last_k, weighting, planner_samples, planner_grad_samples,
-                          mlp_structure)
-    _check_int("n_samples", n_samples, 1)
-    _check_int("seq_len", seq_len, 2)
-    _check_int("eval_windows", eval_windows, 0)
-    comm = distributed.communicator()
-    progress = progress and comm.is_root       # one process draws the bars
-    if out is not None:
-        out = Path(out)
-        check_replaceable(out, overwrite, model if isinstance(model, (str, os.PathLike)) else None)
-    source = open_source(model, tokenizer)
-    tok = source.tokenizer
-    if calibration is None:
-        calibration = default_calibration()
-        if calibration == "generated":
-            print("rom_fast: no calibration data given and none found under "
-                  f"{default_data_dir()}; sampling calibration text from the model itself",
-                  file=sys.stderr)
-    generated = isinstance(calibration, str) and calibration == "generated"
-    calib = None
-    if not generated:
-        if tok is None and not isinstance(calibration, (torch.Tensor, dict, tuple, CalibrationBatch)):
-            raise ValueError("a tokenizer is needed to tokenize the calibration data: pass tokenizer=")
-        calib = calibration_tokens(calibration, tok, n_samples=n_samples, seq_len=seq_len, seed=seed)
-        release_freed_memory()     # the tokenizer's buffers for a whole corpus
-    command = command or " ".join(shlex.quote(a) for a in sys.argv)
+    run = CompressionRun(model, calibration, budget, recipe=recipe, ranks=ranks, last_k=last_k, out=out,
+                         tokenizer=tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed, centered=centered,
+                         batch_size=batch_size, merge=merge, overwrite=overwrite, restart=restart,
+                         progress=progress, command=command, planner_samples=planner_samples,
+                         planner_grad_samples=planner_grad_samples, weighting=weighting,
+                         activation_dtype=activation_dtype, eval_windows=eval_windows, anchor=anchor, ridge=ridge,
+                         gram_precision=gram_precision, mlp_structure=mlp_structure)
+    run.open_inputs()
+    run.open_output()
+    run.evaluate_before()
+    run.plan_or_resume()
+    run.compress_blocks()
+    run.commit()
+    run.evaluate_after()
+    return run.result()
 
-    output = None
-    if out is not None:
-        fingerprint = {
-            "source": source.fingerprint(),
-            "calibration": f"generated:{n_samples}:{seq_len}:{seed}" if generated
-            else _tokens_key(calib.input_ids, calib.attention_mask),
-            "plan": request.to_json(),
-            "options": {"centered": centered, "batch_size": options.batch_size, "merge": merge,
-                        "activation_dtype": str(options.activation_dtype), "eigen_method": options.eigen_method,
-                        "gram_precision": options.gram_precision,
-                        **({"anchor": options.anchor, "ridge": options.ridge} if options.anchor else {})},
-        }
-        output = _open_output(comm, out, fingerprint, command, overwrite, restart)
 
-    perplexity = {}
-    if eval_windows:
-        perplexity["before"] = _perplexity(source, tok, eval_windows, progress, comm)
-    shape = source.shape()
-    report = CompressionReport()
-    spectra_json: dict = {}
-    if output is not None and output.resumed:
-        input_ids, attention_mask = output.calibration()
-        description = output.state["calibration"]
-        plan = plans.RankPlan(**output.state["plan"])
-        spectra_json = output.spectra_json()
-        last = max((shape.block_of[n] for n in plan.modules()), default=-1)
-        if comm.is_root:
-            print(f"rom_fast: resuming the interrupted run in {output.partial}: "
-                  f"{output.blocks_done} of {last + 1} blocks done", file=sys.stderr)
-    else:
-        if calib is None:
-            calib = calibration_tokens("generated", tok, n_samples=n_samples, seq_len=seq_len, seed=seed,
-                                       model=source)
-        calib = comm.broadcast(calib, "calibration")        # process 0's tokens on every process
-        input_ids, attention_mask, description = calib.input_ids, calib.attention_mask, calib.description
+@dataclass
+class PlanResult:
+    """What :func:`plan` returns. ``plan``: the :class:`~rom_fast.plans.RankPlan` compress would
+    use (``ranks``, ``neurons``, ``description``, ``details``; ``compress(..., ranks=
+    dict(plan.to_json(), neurons=plan.neurons))`` applies it); ``spectra``: the planner's
+    per-layer :class:`~rom_fast.planner.LayerSpectrum` objects, in block order, when it ran (None
+    for ``ranks=``, ``recipe=`` or ``last_k=`` plans); ``shape``: the model's
+    :class:`~rom_fast.plans.ModelShape` (for :func:`rom_fast.planner.plot_plan`)."""
 
-        def spectra(neuron_curves: bool = False):
-            k = min(planner_samples, input_ids.shape[0])
-            collected = planner.collect_spectra(
-                source, input_ids[:k], attention_mask[:k], batch_size=options.batch_size,
-                progress=progress, activation_dtype=options.activation_dtype,
-                workdir=str(out.parent) if out is not None else None, seconds=report.seconds,
-                grad_samples=planner_grad_samples, comm=comm, neuron_curves=neuron_curves,
-                gram_precision=options.gram_precision)
-            spectra_json.update({n: sp.to_json() for n, sp in collected.items()})
-            return collected
+    plan: plans.RankPlan
+    spectra: Optional[Dict[str, "planner.LayerSpectrum"]]
+    shape: plans.ModelShape
 
-        if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        plan = comm.broadcast(request.resolve(shape, spectra), "plan")   # process 0's, bit for bit
-        if merge and plan.neurons:
-            raise ValueError("merge=True writes a plain checkpoint of the base architecture, whose MLPs all "
-                             f"have intermediate_size neurons; this plan keeps fewer in {len(plan.neurons)} "
-                             "MLPs: save it factorized, or plan with mlp_structure='lowrank'")
-        if output is not None:
-            kept = plan.details.get("kept_params", shape.total_params) if not merge else shape.total_params
-            hidden_bytes = input_ids.numel() * source.config.hidden_size * \
-                torch.empty(0, dtype=options.activation_dtype).element_size() * (2 if options.anchor else 1)
-            weight_bytes = source.param_count * torch.empty(0, dtype=source.storage_dtype).element_size()
-            needed = int(weight_bytes * kept / shape.total_params) + 2 * hidden_bytes
-            output.state = comm.from_root(lambda: output.start(plan.to_json(), input_ids, attention_mask, description,
-                                                               spectra_json, needed_bytes=needed) or output.state,
-                                          "output")
-            comm.check_all(output.partial.is_dir(), f"{output.partial} is not visible here: "
-                           "--out must be on storage every process sees")
 
-    last_block = max((shape.block_of[n] for n in plan.modules()), default=-1)
-    start = output.blocks_done if output is not None else 0
-    if output is not None and not source.streamed:
-        for i in range(start):
-            _restore_block(source, i, output)
-    if output is not None:
-        report.layers.extend(LayerRecord(**r) for r in output.state["records"])
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=last_block + 1, initial=start, desc="rom_fast blocks", unit="block")
+def plan(model, calibration=None, budget: Optional[float] = None, *, recipe: Optional[str] = None,
+         ranks=None, last_k: Optional[int] = None, tokenizer=None, n_samples: int = 512, seq_len: int = 128,
+         seed: Optional[int] = 0, batch_size: int = 8, progress: bool = True, planner_samples: int = 128,
+         planner_grad_samples: int = planner.DEFAULT_GRAD_SAMPLES, weighting: str = "fisher",
+         activation_dtype: Union[str, torch.dtype] = "float32",
+         mlp_structure: str = planner.DEFAULT_MLP_STRUCTURE) -> PlanResult:
+    """The plan :func:`compress` would make with the same arguments, without compressing.
 
-    def tick(done, total):
-        if bar is not None:
-            bar.n = done
-            bar.refresh()
-
-    def block_done(i: int, block: nn.Module, hidden: torch.Tensor) -> None:
-        if merge:
-            merge_lowrank(block)
-        if output is not None:
-            prefix = source.adapter.block_prefix(i)
-            records = [dataclasses.asdict(r) for r in report.layers if r.name.startswith(prefix)]
-            output.commit_block(i, source.block_tensors(i), source.block_dtype(i),
-                                factorized_layers(block, prefix), records, hidden if i < last_block else None)
-        # A streamed block is dropped once written; without `out` it stays (it is the result).
-        # release_block also narrows a half-precision in-memory model's block back.
-        if output is not None or not source.streamed:
-            source.release_block(i)
-
-    try:
-        compress_blocks(source, input_ids, attention_mask, plan.ranks, options, progress=tick, neurons=plan.neurons,
-                        block_done=block_done, start_block=start, report=report, comm=comm,
-                        start_hidden=output.load_hidden if output is not None and start > 0 else None)
-    except BaseException:
-        if output is not None:
-            output.abandon()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-
-    before = source.param_count
-    summary = {
-        "params_before": before,
-        "calibration": description, "n_tokens": int(attention_mask.sum()),
-        "centered": centered, "streamed": source.streamed, "merged": merge,
-        "activation_dtype": str(options.activation_dtype).replace("torch.", ""),
-        "plan_ratio": plan.details.get("ratio"),
-        "resumed_from_block": start,
-    }
-    if perplexity:
-        summary["perplexity"] = perplexity
-    layers = {}
-    result_model = None
-    if output is None:
-        result_model = source.finished_model()
-        summary["params_after"] = plans.total_params(result_model)
-    else:
-        layers = {n: spec for i in range(last_block + 1) for n, spec in output.block_layers(i).items()} \
-            if comm.is_root else {}
-
-    def finish_summary(params_after: int) -> dict:
-        summary["params_after"] = params_after
-        summary["ratio"] = params_after / before
-        summary["seconds"] = dict(report.seconds, total=time.perf_counter() - t0)
-        summary["peak_rss_bytes"] = peak_rss_bytes()
-        summary.update(distributed.traffic_summary(comm))
-        return summary
-
-    if output is not None:
-        generation_config = getattr(source.model, "generation_config", None)
-
-        def metadata(directory: Path, params_after: int) -> None:
-            finish_summary(params_after)
-            meta = {"plan": plan.to_json(), "summary": summary, "command": command, "source": source.name,
-                    "layer_energy": {r.name: r.retained_energy for r in report.layers},
-                    "spectra": spectra_json}
-            card = _model_card(source.name, plan, description, len(layers), before, params_after, merge, command)
-            write_metadata(directory, source.config, tok, meta, card, layers, merge, generation_config)
-
-        params_after = comm.from_root(lambda: output.finish(range(last_block + 1, source.n_blocks),
-                                                            source.original_block_tensors,
-                                                            source.outer_tensors(), metadata), "output")
-        if not comm.is_root:
-            finish_summary(params_after)
-        if not source.streamed:
-            result_model = source.model
-    else:
-        finish_summary(summary["params_after"])
-    if perplexity and perplexity["before"] is not None:
-        after = result_model if result_model is not None else open_source(out, tok)
-        perplexity["after"] = _perplexity(after, tok, eval_windows, progress, comm)
-        summary.update(distributed.traffic_summary(comm))
-    return CompressionResult(out, summary, plan, report, result_model)
+    Arguments as for :func:`compress` (the same checks and refusals, by the same code: one
+    :class:`CompressionRun` stopped after its plan). The calibration tokens are read, or
+    sampled for ``"generated"``, only when the rank planner runs, after the budget is found
+    reachable; the planner's spectra come from the first ``planner_samples`` of the
+    ``n_samples`` sequences, as in compress. Nothing is written. Returns a :class:`PlanResult`.
+    """
+    run = CompressionRun(model, calibration, budget, recipe=recipe, ranks=ranks, last_k=last_k,
+                         tokenizer=tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                         batch_size=batch_size, progress=progress, planner_samples=planner_samples,
+                         planner_grad_samples=planner_grad_samples, weighting=weighting,
+                         activation_dtype=activation_dtype, mlp_structure=mlp_structure)
+    run.open_source()
+    result, spectra = run.make_plan()
+    return PlanResult(result, spectra, run.shape)

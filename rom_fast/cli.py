@@ -112,31 +112,26 @@ def _is_root() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def run_plan(args) -> int:
-    from rom_fast import distributed, planner
-    from rom_fast.calibration import calibration_tokens, default_calibration
-    from rom_fast.plans import check_budget, check_reachable
-    from rom_fast.sources import open_source
+def _seed(args):
+    return None if args.seed < 0 else args.seed       # -1: the first windows, in order
 
-    check_budget(args.budget)
+
+def run_plan(args) -> int:
+    import rom_fast
+    from rom_fast.calibration import default_calibration
+
     if args.png:
         _require_matplotlib()
-    source = open_source(args.model)
-    shape = source.shape()
-    check_reachable(shape, args.budget)
-    calib = calibration_tokens(args.calibration or default_calibration(), source.tokenizer,
-                               n_samples=args.n_samples, seq_len=args.seq_len,
-                               seed=None if args.seed < 0 else args.seed, model=source)
-    comm = distributed.communicator()
-    calib = comm.broadcast(calib, "calibration")
-    structure = args.mlp_structure or planner.DEFAULT_MLP_STRUCTURE
-    spectra = planner.collect_spectra(source, calib.input_ids, calib.attention_mask, batch_size=args.batch_size,
-                                      progress=comm.is_root, activation_dtype=_dtype(args.activation_dtype),
-                                      grad_samples=args.grad_samples, comm=comm,
-                                      neuron_curves=structure != "lowrank", gram_precision="auto")
-    plan = planner.planned(shape, args.budget, spectra, args.weighting, structure)
-    if not comm.is_root:
+    result = rom_fast.plan(
+        # the default calibration named here: plan() would also print compress's note for "generated"
+        args.model, calibration=args.calibration or default_calibration(), budget=args.budget,
+        n_samples=args.n_samples, planner_samples=args.n_samples, planner_grad_samples=args.grad_samples,
+        seq_len=args.seq_len, seed=_seed(args), weighting=args.weighting, batch_size=args.batch_size,
+        activation_dtype=args.activation_dtype,
+        **({} if args.mlp_structure is None else {"mlp_structure": args.mlp_structure}))
+    if not _is_root():
         return 0
+    plan, spectra, shape = result.plan, result.spectra, result.shape
     print(f"{plan.description}: {plan.details['kept_params']:,} of {plan.details['total_params']:,} "
           f"parameters ({plan.details['ratio']:.2%})")
     print(f"{'layer':44s} {'shape':>11s} {'rank':>6s} {'retained':>9s} {'sensitivity':>12s}")
@@ -151,14 +146,10 @@ def run_plan(args) -> int:
         with open(args.json, "w") as f:
             json.dump(dict(plan.to_json(), neurons=plan.neurons), f, indent=2)
     if args.png:
-        planner.plot_plan(spectra, plan, shape, args.png)
+        from rom_fast.planner import plot_plan
+        plot_plan(spectra, plan, shape, args.png)
         print(f"plot: {args.png}")
     return 0
-
-
-def _dtype(name: str):
-    from rom_fast.pipeline import ACTIVATION_DTYPES
-    return ACTIVATION_DTYPES[name]
 
 
 def _require_matplotlib() -> None:
@@ -188,7 +179,7 @@ def run_compress(args) -> int:
         args.model, calibration=args.calibration, budget=args.budget, recipe=args.recipe, ranks=args.ranks,
         last_k=args.last_k, weighting=args.weighting, planner_samples=args.planner_samples,
         planner_grad_samples=args.planner_grad_samples, out=args.out,
-        n_samples=args.n_samples, seq_len=args.seq_len, seed=None if args.seed < 0 else args.seed,
+        n_samples=args.n_samples, seq_len=args.seq_len, seed=_seed(args),
         centered=args.centered, batch_size=args.batch_size, activation_dtype=args.activation_dtype,
         merge=args.merge, overwrite=args.overwrite, restart=args.restart, eval_windows=args.eval_windows,
         **({} if args.anchor is None else {"anchor": args.anchor}),
