@@ -1,7 +1,7 @@
 """``rom_fast.compress`` and ``rom_fast.load``: the product's main job.
 
 One code path for every source: a model object, a GGUF file and a Hugging Face directory are
-all :class:`~rom_fast.sources.BlockSource` objects, planned, compressed, written and resumed by
+all :class:`~rom_fast.io.sources.BlockSource` objects, planned, compressed, written and resumed by
 the same loop, one block at a time.
 """
 
@@ -24,11 +24,11 @@ from torch import nn
 
 from rom_fast import distributed, planner, plans
 from rom_fast.calibration import CalibrationBatch, calibration_tokens, default_calibration, default_data_dir
-from rom_fast.checkpoint import factorized_layers, load, write_metadata
+from rom_fast.io.checkpoint import factorized_layers, load, write_metadata
 from rom_fast.lowrank import apply_structure, merge_lowrank
-from rom_fast.output import OutputShard, ResumableOutput, check_replaceable
+from rom_fast.io.output import OutputShard, ResumableOutput, check_replaceable
 from rom_fast.pipeline import DEFAULT_ANCHOR, CompressionOptions, CompressionReport, LayerRecord, compress_blocks
-from rom_fast.sources import BlockSource, open_source, release_freed_memory
+from rom_fast.io.sources import BlockSource, open_source, release_freed_memory
 
 
 def peak_rss_bytes() -> int:
@@ -251,7 +251,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
     model: a transformers model object (compressed in place: copy it first to keep the dense
         one), a Hugging Face safetensors directory (streamed: one block in memory at a time), a
         ``.gguf`` file, ``"smollm2"`` (the embedded SmolLM2-135M-Instruct), or a
-        :class:`~rom_fast.sources.BlockSource`.
+        :class:`~rom_fast.io.sources.BlockSource`.
     calibration: see :func:`rom_fast.calibration.calibration_tokens` (text/jsonl file, list of
         strings, token ids, ``"combination"``, ``"wiki"``, ``"c4"``, ``"shakespeare"``,
         ``"generated"``). Default: ``"wiki"`` when the local data is present, else

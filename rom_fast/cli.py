@@ -116,7 +116,7 @@ def run_plan(args) -> int:
     from rom_fast import distributed, planner
     from rom_fast.calibration import calibration_tokens, default_calibration
     from rom_fast.plans import check_budget, check_reachable
-    from rom_fast.sources import open_source
+    from rom_fast.io.sources import open_source
 
     check_budget(args.budget)
     if args.png:
@@ -224,7 +224,7 @@ def run_compress(args) -> int:
 
 def run_eval(args) -> int:
     from rom_fast.evaluate import wikitext2_perplexity, zero_shot
-    from rom_fast.sources import open_source
+    from rom_fast.io.sources import open_source
 
     source = open_source(args.model)
     tok = source.tokenizer
@@ -258,7 +258,7 @@ def _add_clean(sub) -> None:
 
 
 def run_clean(args) -> int:
-    from rom_fast.output import clean, directory_bytes, leftovers
+    from rom_fast.io.output import clean, directory_bytes, leftovers
     found = leftovers(Path(args.out))
     for p in found:
         print(f"{p}  ({directory_bytes(p) / 2**30:.2f} GiB)")

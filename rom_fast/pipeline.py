@@ -35,7 +35,7 @@ from rom_fast.adapters import ModelAdapter
 from rom_fast.blockwise import capture_block_inputs
 from rom_fast.distributed import Communicator
 from rom_fast.lowrank import from_factors, pruned_linear, set_module
-from rom_fast.sources import BlockSource, release_freed_memory
+from rom_fast.io.sources import BlockSource, release_freed_memory
 
 
 # Grams at least this wide multiply float32 activations in float32 blocks (ssyrk, accumulated in

@@ -315,7 +315,7 @@ def test_block_outputs_reuse_the_dense_down_outputs_exactly(centered):
     equal a plain forward of the compressed block, biases and centring included."""
     from rom_fast.blockwise import capture_block_inputs
     from rom_fast.pipeline import BlockCompressor, CompressionOptions, CompressionReport, StageTimer
-    from rom_fast.sources import ModelSource
+    from rom_fast.io.sources import ModelSource
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(**TINY, mlp_bias=True, attention_bias=True)
     model = AutoModelForCausalLM.from_config(cfg).eval()

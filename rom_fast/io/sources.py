@@ -8,7 +8,7 @@ free; for a Hugging Face safetensors directory only one block is in memory at a 
 same code handles a 135M model and a 70B one.
 
 A directory is read as untrusted input: its config must name a supported architecture, every
-shard header is parsed and checked (:mod:`rom_fast.safetensors_index`), and every tensor the
+shard header is parsed and checked (:mod:`rom_fast.io.safetensors_index`), and every tensor the
 config implies must be there with the right shape and a floating dtype, all before the first
 block is loaded. Nothing is unpickled and no remote code runs.
 """
@@ -27,7 +27,7 @@ from torch import nn
 
 from rom_fast.adapters import ModelAdapter, adapter_class, adapter_for
 from rom_fast.plans import ModelShape, total_params
-from rom_fast.safetensors_index import FLOAT_DTYPES, CheckpointError, SafetensorsIndex
+from rom_fast.io.safetensors_index import FLOAT_DTYPES, CheckpointError, SafetensorsIndex
 
 COMPUTE_DTYPE = torch.float32      # arithmetic precision of every block (weights widened on load)
 
@@ -193,7 +193,7 @@ class DirectorySource(BlockSource):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from rom_fast.checkpoint import check_config, register_all
+        from rom_fast.io.checkpoint import check_config, register_all
         self.directory = Path(directory)
         self.name = str(directory)
         config_file = self.directory / "config.json"
@@ -344,7 +344,7 @@ class DirectorySource(BlockSource):
 def _directory_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    from rom_fast.models import TOKENIZER_FILES
+    from rom_fast.io.models import TOKENIZER_FILES
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return None
     try:
@@ -359,7 +359,7 @@ def open_source(model, tokenizer=None) -> BlockSource:
     ``.gguf`` file or ``"smollm2"`` (loaded into memory, de-quantized to float32)."""
     from transformers import PreTrainedModel
 
-    from rom_fast.models import load_model
+    from rom_fast.io.models import load_model
     if isinstance(model, BlockSource):
         if tokenizer is not None:
             model.tokenizer = tokenizer

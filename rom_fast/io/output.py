@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional
 import torch
 from safetensors import safe_open
 
-from rom_fast.safetensors_index import INDEX_FILE, read_header, write_safetensors
+from rom_fast.io.safetensors_index import INDEX_FILE, read_header, write_safetensors
 
 STATE_FILE = "rom_fast_state.json"
 STATE_FORMAT = 1

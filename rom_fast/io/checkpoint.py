@@ -4,7 +4,7 @@
 and a ``rom_fast`` section listing every factorized layer (rank, biases) and the plan used.
 The ``rom_fast_<base>`` classes are registered with transformers' Auto classes when rom_fast is
 imported, so ``AutoModelForCausalLM.from_pretrained(dir)`` rebuilds the factorized model.
-Directories are written by :mod:`rom_fast.output`: block by block under a temporary name,
+Directories are written by :mod:`rom_fast.io.output`: block by block under a temporary name,
 resumable, renamed into place when complete.
 """
 
@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rom_fast.lowrank import LowRankLinear, PrunedLinear, apply_structure
-from rom_fast.safetensors_index import CheckpointError
+from rom_fast.io.safetensors_index import CheckpointError
 
 FORMAT_VERSION = 1
 _BASES = {}   # base model_type -> registered rom_fast model_type
@@ -214,7 +214,7 @@ def write_metadata(directory: Path, config, tokenizer, metadata: dict, card: str
 
 def load(path, dtype: torch.dtype = torch.float32, with_tokenizer: bool = False):
     """Loads a directory written by :func:`rom_fast.compress` (factorized or merged)."""
-    from rom_fast.sources import DirectorySource
+    from rom_fast.io.sources import DirectorySource
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
