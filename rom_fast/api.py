@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import resource
 import shlex
 import sys
 import time
@@ -28,27 +27,8 @@ from rom_fast.io.checkpoint import factorized_layers, load, write_metadata
 from rom_fast.lowrank import apply_structure, merge_lowrank
 from rom_fast.io.output import OutputShard, ResumableOutput, check_replaceable
 from rom_fast.pipeline import DEFAULT_ANCHOR, CompressionOptions, CompressionReport, LayerRecord, compress_blocks
-from rom_fast.io.sources import BlockSource, open_source, release_freed_memory
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory. On Linux VmHWM, which starts fresh at exec:
-    ru_maxrss of a process started by fork + exec also counts the parent's memory at the fork
-    (a 1.8 GiB run read 4.3 GiB when launched from a large pytest process)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux/BSD: KiB
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+from rom_fast.io.sources import BlockSource, open_source
+from rom_fast.util import check_int as _check_int, peak_rss_bytes, release_freed_memory
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Union
@@ -35,7 +34,8 @@ from rom_fast.adapters import ModelAdapter
 from rom_fast.blockwise import capture_block_inputs
 from rom_fast.distributed import Communicator
 from rom_fast.lowrank import from_factors, pruned_linear, set_module
-from rom_fast.io.sources import BlockSource, release_freed_memory
+from rom_fast.io.sources import BlockSource
+from rom_fast.util import StageTimer, release_freed_memory
 
 
 # Grams at least this wide multiply float32 activations in float32 blocks (ssyrk, accumulated in
@@ -100,22 +100,6 @@ class LayerRecord:
 class CompressionReport:
     layers: List[LayerRecord] = field(default_factory=list)
     seconds: Dict[str, float] = field(default_factory=lambda: defaultdict(float))
-
-
-class StageTimer:
-    """Accumulates wall time per stage name into a dict (``prefix`` + name)."""
-
-    def __init__(self, seconds: Dict[str, float], prefix: str = ""):
-        self.seconds, self.prefix = seconds, prefix
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            key = self.prefix + stage
-            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0
 
 
 @contextlib.contextmanager

@@ -35,9 +35,9 @@ from rom_fast.adapters import ModelAdapter
 from rom_fast.blockwise import capture_block_inputs
 from rom_fast.distributed import Communicator
 from rom_fast.lowrank import lowrank_params, mlp_neuron_params
-from rom_fast.pipeline import StageTimer
 from rom_fast.io.safetensors_index import write_safetensors
-from rom_fast.io.sources import BlockSource, release_freed_memory
+from rom_fast.io.sources import BlockSource
+from rom_fast.util import StageTimer, release_freed_memory
 
 WEIGHTINGS = ("fisher", "energy", "tail")
 # How an MLP may be compressed: low-rank linears, whole neurons kept (gate/up rows, down_proj

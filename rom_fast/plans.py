@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
-from torch import nn
-
 from rom_fast.adapters import ModelAdapter
 from rom_fast.lowrank import lowrank_params, mlp_neuron_params, saves_parameters
+from rom_fast.util import total_params
 
 # The paper's LLaMA-7B recipes: (kept ratio, last k of 32 blocks, module budget).
 PAPER_RECIPES: Dict[str, Tuple[float, int, float]] = {
@@ -82,10 +81,6 @@ class ModelShape:
     def mlp_size(self, mlp: str) -> Tuple[int, int]:
         """(d_model, intermediate neurons) of an MLP module."""
         return self.shapes[self.mlps[mlp][1]]
-
-
-def total_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())  # parameters() is tie-aware
 
 
 def kept_params(total: int, shapes: Dict[str, Tuple[int, int]], ranks: Dict[str, int],

@@ -19,11 +19,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rom_fast.lowrank import LowRankLinear, PrunedLinear, apply_structure
+from rom_fast.io.output import SPECTRA_FILE
 from rom_fast.io.safetensors_index import CheckpointError
 
 FORMAT_VERSION = 1
 _BASES = {}   # base model_type -> registered rom_fast model_type
-SPECTRA_FILE = "rom_fast_spectra.json"
 _MODEL_CLASSES: Dict[str, type] = {}   # registered model_type -> its causal-LM class
 
 

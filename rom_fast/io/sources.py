@@ -26,20 +26,11 @@ import torch
 from torch import nn
 
 from rom_fast.adapters import ModelAdapter, adapter_class, adapter_for
-from rom_fast.plans import ModelShape, total_params
 from rom_fast.io.safetensors_index import FLOAT_DTYPES, CheckpointError, SafetensorsIndex
+from rom_fast.plans import ModelShape
+from rom_fast.util import release_freed_memory, total_params
 
 COMPUTE_DTYPE = torch.float32      # arithmetic precision of every block (weights widened on load)
-
-
-def release_freed_memory() -> None:
-    """Returns freed heap pages to the OS (glibc keeps them otherwise, and the heap of a long
-    streamed run then grows block after block through fragmentation). No-op elsewhere."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _materialize(module: nn.Module, prefix: str, tensors: Dict[str, torch.Tensor]) -> None:
