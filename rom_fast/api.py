@@ -327,7 +327,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
     perplexity = {}
     if eval_windows:
         perplexity["before"] = _perplexity(source, tok, eval_windows, progress, comm)
-    shape = source.shape()
+    shape = plans.ModelShape.of_source(source)
     report = CompressionReport()
     spectra_json: dict = {}
     if output is not None and output.resumed:

@@ -115,14 +115,14 @@ def _is_root() -> bool:
 def run_plan(args) -> int:
     from rom_fast import distributed, planner
     from rom_fast.calibration import calibration_tokens, default_calibration
-    from rom_fast.plans import check_budget, check_reachable
+    from rom_fast.plans import ModelShape, check_budget, check_reachable
     from rom_fast.io.sources import open_source
 
     check_budget(args.budget)
     if args.png:
         _require_matplotlib()
     source = open_source(args.model)
-    shape = source.shape()
+    shape = ModelShape.of_source(source)
     check_reachable(shape, args.budget)
     calib = calibration_tokens(args.calibration or default_calibration(), source.tokenizer,
                                n_samples=args.n_samples, seq_len=args.seq_len,

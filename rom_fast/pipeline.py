@@ -519,7 +519,7 @@ def compress_blocks(source: BlockSource, input_ids: torch.Tensor, attention_mask
     timer = StageTimer(report.seconds)
     adapter = source.adapter
     neurons = dict(neurons or {})
-    shape = source.shape()
+    shape = plans.ModelShape.of_source(source)
     unknown = sorted(n for n in ranks if n not in shape.shapes) + sorted(n for n in neurons if n not in shape.mlps)
     if unknown:
         raise ValueError(f"plan names layers this model does not have: {unknown[:5]}")

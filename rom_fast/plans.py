@@ -73,6 +73,12 @@ class ModelShape:
         return cls(shapes, block_of, adapter.n_blocks,
                    total_params(adapter.model) if total is None else int(total), mlps)
 
+    @classmethod
+    def of_source(cls, source) -> "ModelShape":
+        """The shape of a :class:`~rom_fast.io.sources.BlockSource`'s model, with the parameter
+        count the source read (a streamed model's skeleton holds no weights)."""
+        return cls.of(source.adapter, source.param_count)
+
     def mlp_linears(self, mlp: str) -> Tuple[str, ...]:
         """The full names of an MLP module's linears: its inputs (gate, up), then down_proj."""
         inputs, down = self.mlps[mlp]

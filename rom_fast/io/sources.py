@@ -27,7 +27,6 @@ from torch import nn
 
 from rom_fast.adapters import ModelAdapter, adapter_class, adapter_for
 from rom_fast.io.safetensors_index import FLOAT_DTYPES, CheckpointError, SafetensorsIndex
-from rom_fast.plans import ModelShape
 from rom_fast.util import release_freed_memory, total_params
 
 COMPUTE_DTYPE = torch.float32      # arithmetic precision of every block (weights widened on load)
@@ -65,9 +64,6 @@ class BlockSource:
     @property
     def config(self):
         return self.model.config
-
-    def shape(self) -> ModelShape:
-        return ModelShape.of(self.adapter, self.param_count)
 
     def load_block(self, i: int) -> nn.Module:
         raise NotImplementedError
