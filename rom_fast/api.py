@@ -23,11 +23,11 @@ from torch import nn
 
 from rom_fast import distributed, planner, plans
 from rom_fast.calibration import CalibrationBatch, calibration_tokens, default_calibration, default_data_dir
-from rom_fast.io.checkpoint import factorized_layers, load, write_metadata
+from rom_fast.io.checkpoint import factorized_layers, write_metadata
 from rom_fast.lowrank import apply_structure, merge_lowrank
 from rom_fast.io.output import OutputShard, ResumableOutput, check_replaceable
 from rom_fast.pipeline import DEFAULT_ANCHOR, CompressionOptions, CompressionReport, LayerRecord, compress_blocks
-from rom_fast.io.sources import BlockSource, open_source
+from rom_fast.io.sources import BlockSource, load, open_source
 from rom_fast.util import check_int as _check_int, peak_rss_bytes, release_freed_memory
 
 

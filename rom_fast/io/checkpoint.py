@@ -5,7 +5,7 @@ and a ``rom_fast`` section listing every factorized layer (rank, biases) and the
 The ``rom_fast_<base>`` classes are registered with transformers' Auto classes when rom_fast is
 imported, so ``AutoModelForCausalLM.from_pretrained(dir)`` rebuilds the factorized model.
 Directories are written by :mod:`rom_fast.io.output`: block by block under a temporary name,
-resumable, renamed into place when complete.
+resumable, renamed into place when complete; :func:`rom_fast.io.sources.load` reads them back.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Dict
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from rom_fast.adapters import ADAPTERS, adapter_class
 from rom_fast.lowrank import LowRankLinear, PrunedLinear, apply_structure
 from rom_fast.io.output import SPECTRA_FILE
 from rom_fast.io.safetensors_index import CheckpointError
@@ -43,7 +44,6 @@ def check_config(cfg: dict, where: str) -> None:
     """Refuses a config.json (as a dict) whose sizes are absurd or inconsistent, or whose
     ``rom_fast`` section names layers, ranks or biases the architecture cannot have; ``where``
     (the file) starts every message. Called before any module or buffer is built."""
-    from rom_fast.adapters import adapter_class
     for key, limit in SIZE_LIMITS.items():
         value = cfg.get(key)
         if value is None and key not in REQUIRED_SIZES:
@@ -145,7 +145,6 @@ def _register(base_type: str) -> str:
 
 
 def register_all() -> None:
-    from rom_fast.adapters import ADAPTERS
     for base_type in ADAPTERS:
         _register(base_type)
 
@@ -210,19 +209,3 @@ def write_metadata(directory: Path, config, tokenizer, metadata: dict, card: str
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     (directory / "README.md").write_text(card)
-
-
-def load(path, dtype: torch.dtype = torch.float32, with_tokenizer: bool = False):
-    """Loads a directory written by :func:`rom_fast.compress` (factorized or merged)."""
-    from rom_fast.io.sources import DirectorySource
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
-    # Config sizes, plan, shard headers and every tensor's shape checked on a weightless
-    # skeleton before transformers allocates anything.
-    DirectorySource(path, read_tokenizer=False)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    model.eval()
-    if with_tokenizer:
-        return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return model

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from rom_fast.adapters import ModelAdapter, adapter_class, adapter_for
+from rom_fast.io.checkpoint import check_config, register_all
+from rom_fast.io.models import TOKENIZER_FILES, load_model
 from rom_fast.io.safetensors_index import FLOAT_DTYPES, CheckpointError, SafetensorsIndex
 from rom_fast.util import release_freed_memory, total_params
 
@@ -180,7 +182,6 @@ class DirectorySource(BlockSource):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from rom_fast.io.checkpoint import check_config, register_all
         self.directory = Path(directory)
         self.name = str(directory)
         config_file = self.directory / "config.json"
@@ -330,8 +331,6 @@ class DirectorySource(BlockSource):
 
 def _directory_tokenizer(path: Path):
     from transformers import AutoTokenizer
-
-    from rom_fast.io.models import TOKENIZER_FILES
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return None
     try:
@@ -345,8 +344,6 @@ def open_source(model, tokenizer=None) -> BlockSource:
     transformers model object (compressed in place), a Hugging Face directory (streamed), a
     ``.gguf`` file or ``"smollm2"`` (loaded into memory, de-quantized to float32)."""
     from transformers import PreTrainedModel
-
-    from rom_fast.io.models import load_model
     if isinstance(model, BlockSource):
         if tokenizer is not None:
             model.tokenizer = tokenizer
@@ -357,3 +354,20 @@ def open_source(model, tokenizer=None) -> BlockSource:
         return DirectorySource(Path(model).expanduser(), tokenizer)
     loaded, tok = load_model(model, tokenizer=tokenizer)
     return ModelSource(loaded, tok, name=str(model))
+
+
+def load(path, dtype: torch.dtype = torch.float32, with_tokenizer: bool = False):
+    """Loads a directory written by :func:`rom_fast.compress` (factorized or merged)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+    # Config sizes, plan, shard headers and every tensor's shape checked on a weightless
+    # skeleton before transformers allocates anything.
+    DirectorySource(path, read_tokenizer=False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    model.eval()
+    if with_tokenizer:
+        return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model
