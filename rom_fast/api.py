@@ -194,17 +194,17 @@ def _open_output(comm, out: Path, fingerprint: dict, command: str, overwrite: bo
     if comm.size == 1:
         return ResumableOutput(out, fingerprint, command, overwrite=overwrite, restart=restart)
     fingerprint = dict(fingerprint, processes=comm.size)
+    synchronize = lambda: comm.barrier("output")   # noqa: E731
     opened = {}
 
     def open_root():
-        opened["output"] = ResumableOutput(out, fingerprint, command, overwrite=overwrite, restart=restart)
+        opened["output"] = ResumableOutput(out, fingerprint, command, overwrite=overwrite, restart=restart,
+                                           processes=comm.size, synchronize=synchronize)
         return opened["output"].state
 
     state = comm.from_root(open_root, "output")
-    synchronize = lambda: comm.barrier("output")   # noqa: E731
     if comm.is_root:
         output = opened["output"]
-        output.processes, output.synchronize = comm.size, synchronize
     else:
         output = OutputShard(out, state, comm.rank, comm.size, synchronize)
     if output.resumed:
