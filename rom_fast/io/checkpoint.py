@@ -149,6 +149,29 @@ def register_all() -> None:
         _register(base_type)
 
 
+def read_config(directory: Path):
+    """The transformers config of model directory ``directory``, read as untrusted input: its
+    config.json must be a JSON object naming a supported architecture with sane sizes and a
+    valid rom_fast section (:func:`check_config`), all checked before anything is built. The
+    ``rom_fast_<base>`` classes are registered first, so a compressed checkpoint's config reads."""
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{directory} is not a model directory (no config.json)")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{config_file}: not readable JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file}: not a JSON object")
+    adapter_class(raw.get("model_type"), str(config_file))      # supported, before building anything
+    check_config(raw, str(config_file))                           # sane sizes, a valid rom_fast plan
+    register_all()                                                # rom_fast_<base> compressed checkpoints
+    try:
+        return AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{config_file}: {exc}") from None
+
+
 def factorized_layers(module: nn.Module, prefix: str = "") -> dict:
     """``{name: spec}`` of the compressed linears under ``module`` (names prefixed with
     ``prefix``): LowRankLinear ``{rank, reduce_bias, expand_bias}`` and PrunedLinear

@@ -25,8 +25,8 @@ from typing import Dict, Iterator, List, Optional
 import torch
 from torch import nn
 
-from rom_fast.adapters import ModelAdapter, adapter_class, adapter_for
-from rom_fast.io.checkpoint import check_config, register_all
+from rom_fast.adapters import ModelAdapter, adapter_for
+from rom_fast.io.checkpoint import read_config
 from rom_fast.io.models import TOKENIZER_FILES, load_model
 from rom_fast.io.safetensors_index import FLOAT_DTYPES, CheckpointError, SafetensorsIndex
 from rom_fast.util import release_freed_memory, total_params
@@ -179,31 +179,11 @@ class DirectorySource(BlockSource):
     streamed = True
 
     def __init__(self, directory, tokenizer=None, read_tokenizer: bool = True):
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         self.directory = Path(directory)
         self.name = str(directory)
-        config_file = self.directory / "config.json"
-        if not config_file.is_file():
-            raise CheckpointError(f"{self.directory} is not a model directory (no config.json)")
-        try:
-            raw = json.loads(config_file.read_text())
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{config_file}: not readable JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{config_file}: not a JSON object")
-        adapter_class(raw.get("model_type"), str(config_file))      # supported, before building anything
-        check_config(raw, str(config_file))                           # sane sizes, a valid rom_fast plan
-        register_all()                                                # rom_fast_<base> compressed checkpoints
-        try:
-            config = AutoConfig.from_pretrained(self.directory, local_files_only=True)
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise CheckpointError(f"{config_file}: {exc}") from None
+        config = read_config(self.directory)
         self.index = SafetensorsIndex(self.directory)
-        with init_empty_weights(include_buffers=False):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=COMPUTE_DTYPE)
-        self.model.eval()
+        self.model = _skeleton(config)
         self.adapter = adapter_for(self.model)
         self.param_count = self._check_tensors()
         self.storage_dtype = self._storage_dtype()
@@ -327,6 +307,17 @@ class DirectorySource(BlockSource):
         else:
             self._load_module(a.head_path)
         return self.model
+
+
+def _skeleton(config) -> nn.Module:
+    """The causal LM of ``config`` without weights (parameters on the meta device, buffers
+    real), in eval mode."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=COMPUTE_DTYPE)
+    return model.eval()
 
 
 def _directory_tokenizer(path: Path):
