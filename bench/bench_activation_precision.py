@@ -26,7 +26,7 @@ def main() -> None:
     from rom_fast.adapters import adapter_for
     from rom_fast.calibration import calibration_tokens
     from rom_fast.evaluate import wikitext2_perplexity
-    from rom_fast.models import load_model
+    from rom_fast.io.models import load_model
 
     transformers.logging.set_verbosity_error()
     dense, tok = load_model("smollm2")

@@ -46,9 +46,9 @@ def main() -> None:
     from rom_fast.adapters import adapter_for
     from rom_fast.calibration import calibration_tokens, default_data_dir
     from rom_fast.evaluate import wikitext2_perplexity
-    from rom_fast.models import load_model
+    from rom_fast.io.models import load_model
     from rom_fast.planner import collect_spectra, planned
-    from rom_fast.sources import ModelSource
+    from rom_fast.io.sources import ModelSource
 
     transformers.logging.set_verbosity_error()
     dense, tok = load_model("smollm2")

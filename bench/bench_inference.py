@@ -88,7 +88,7 @@ def main() -> None:
     from rom_fast import plans
     transformers.logging.set_verbosity_error()
     if a.model == "smollm2":
-        from rom_fast.models import load_model
+        from rom_fast.io.models import load_model
         dense, _ = load_model("smollm2")
         variants = {}
         for ratio in ("0.80", "0.50"):

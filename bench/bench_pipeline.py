@@ -44,7 +44,7 @@ def run_one(method: str, n_samples: int, seq_len: int, recipe: str, windows: int
     from rom_fast.adapters import adapter_for
     from rom_fast.calibration import calibration_tokens
     from rom_fast.evaluate import wikitext2_perplexity
-    from rom_fast.models import load_model
+    from rom_fast.io.models import load_model
 
     torch.set_num_threads(2)
     model, tok = load_model("smollm2")

@@ -66,7 +66,7 @@ def run_row(row: str, args) -> dict:
     from rom_fast.adapters import adapter_for
     from rom_fast.baselines import svd_compress
     from rom_fast.evaluate import wikitext2_perplexity, zero_shot
-    from rom_fast.models import load_model
+    from rom_fast.io.models import load_model
 
     torch.manual_seed(0)
     method, recipe, calibration, n_samples, seq_len = ROWS[row]

@@ -20,9 +20,9 @@ from rom_fast.kernels import (
 from rom_fast import evaluate   # rom_fast.evaluate.wikitext2_perplexity / .zero_shot
 from rom_fast.api import CompressionResult, PlanResult, compress, plan
 from rom_fast.pipeline import DEFAULT_ANCHOR
-from rom_fast.checkpoint import load, register_all as _register_all
-from rom_fast.safetensors_index import CheckpointError
-from rom_fast.sources import BlockSource, DirectorySource, ModelSource, open_source
+from rom_fast.io.checkpoint import register_all as _register_all
+from rom_fast.io.safetensors_index import CheckpointError
+from rom_fast.io.sources import BlockSource, DirectorySource, ModelSource, load, open_source
 from rom_fast.lowrank import choose_execution
 
 __version__ = _core.__version__

@@ -1,7 +1,7 @@
 """``rom_fast.compress`` and ``rom_fast.load``: the product's main job.
 
 One code path for every source: a model object, a GGUF file and a Hugging Face directory are
-all :class:`~rom_fast.sources.BlockSource` objects, planned, compressed, written and resumed by
+all :class:`~rom_fast.io.sources.BlockSource` objects, planned, compressed, written and resumed by
 the same loop, one block at a time.
 """
 
@@ -12,7 +12,6 @@ import functools
 import hashlib
 import json
 import os
-import resource
 import shlex
 import sys
 import time
@@ -25,31 +24,12 @@ from torch import nn
 
 from rom_fast import distributed, planner, plans
 from rom_fast.calibration import CalibrationBatch, calibration_tokens, default_calibration, default_data_dir
-from rom_fast.checkpoint import factorized_layers, load, write_metadata
+from rom_fast.io.checkpoint import factorized_layers, write_metadata
 from rom_fast.lowrank import apply_structure, merge_lowrank
-from rom_fast.output import OutputShard, ResumableOutput, check_replaceable
+from rom_fast.io.output import OutputShard, ResumableOutput, check_replaceable
 from rom_fast.pipeline import DEFAULT_ANCHOR, CompressionOptions, CompressionReport, LayerRecord, compress_blocks
-from rom_fast.sources import BlockSource, open_source, release_freed_memory
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory. On Linux VmHWM, which starts fresh at exec:
-    ru_maxrss of a process started by fork + exec also counts the parent's memory at the fork
-    (a 1.8 GiB run read 4.3 GiB when launched from a large pytest process)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux/BSD: KiB
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+from rom_fast.io.sources import BlockSource, load, open_source
+from rom_fast.util import check_int as _check_int, peak_rss_bytes, release_freed_memory
 
 
 @dataclass(frozen=True)
@@ -215,17 +195,17 @@ def _open_output(comm, out: Path, fingerprint: dict, command: str, overwrite: bo
     if comm.size == 1:
         return ResumableOutput(out, fingerprint, command, overwrite=overwrite, restart=restart)
     fingerprint = dict(fingerprint, processes=comm.size)
+    synchronize = lambda: comm.barrier("output")   # noqa: E731
     opened = {}
 
     def open_root():
-        opened["output"] = ResumableOutput(out, fingerprint, command, overwrite=overwrite, restart=restart)
+        opened["output"] = ResumableOutput(out, fingerprint, command, overwrite=overwrite, restart=restart,
+                                           processes=comm.size, synchronize=synchronize)
         return opened["output"].state
 
     state = comm.from_root(open_root, "output")
-    synchronize = lambda: comm.barrier("output")   # noqa: E731
     if comm.is_root:
         output = opened["output"]
-        output.processes, output.synchronize = comm.size, synchronize
     else:
         output = OutputShard(out, state, comm.rank, comm.size, synchronize)
     if output.resumed:
@@ -375,7 +355,7 @@ class CompressionRun:
 
     @functools.cached_property
     def shape(self) -> plans.ModelShape:
-        return self.source.shape()
+        return plans.ModelShape.of_source(self.source)
 
     @property
     def last_block(self) -> int:
@@ -566,7 +546,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
     model: a transformers model object (compressed in place: copy it first to keep the dense
         one), a Hugging Face safetensors directory (streamed: one block in memory at a time), a
         ``.gguf`` file, ``"smollm2"`` (the embedded SmolLM2-135M-Instruct), or a
-        :class:`~rom_fast.sources.BlockSource`.
+        :class:`~rom_fast.io.sources.BlockSource`.
     calibration: see :func:`rom_fast.calibration.calibration_tokens` (text/jsonl file, list of
         strings, token ids, ``"combination"``, ``"wiki"``, ``"c4"``, ``"shakespeare"``,
         ``"generated"``). Default: ``"wiki"`` when the local data is present, else

@@ -1,4 +1,4 @@
-"""Running a causal LM block by block over a :class:`~rom_fast.sources.BlockSource`.
+"""Running a causal LM block by block over a :class:`~rom_fast.io.sources.BlockSource`.
 
 The model's own forward is run only up to its first block, to build what every block gets
 (hidden states from the embedding, rotary embeddings, attention masks); then the blocks run one
@@ -15,7 +15,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from rom_fast.sources import BlockSource
+from rom_fast.io.sources import BlockSource
 
 DEFAULT_ACTIVATION_BUDGET = 1 << 30   # bytes of float32 hidden states one group may hold
 

@@ -452,13 +452,13 @@ def generated_tokens(model, tokenizer, n_samples: int = 512, seq_len: int = 128,
     tokens (the LLM-QAT recipe for data-free statistics). Used when no calibration data is
     available; real text calibrates better (see README).
 
-    ``model``: a model object or a :class:`~rom_fast.sources.BlockSource`; a streamed
+    ``model``: a model object or a :class:`~rom_fast.io.sources.BlockSource`; a streamed
     directory is sampled block by block (:func:`rom_fast.blockwise.sample_sequences`), in
     bounded memory, at the cost of reading every block once per generated token and group of
     ``batch_size`` rows. Deterministic for a given ``seed`` (None means 0) on a given machine.
     """
     from rom_fast.blockwise import sample_sequences
-    from rom_fast.sources import BlockSource, ModelSource
+    from rom_fast.io.sources import BlockSource, ModelSource
 
     _check_int("n_samples", n_samples, 1)
     _check_int("seq_len", seq_len, 2)

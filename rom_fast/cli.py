@@ -215,7 +215,7 @@ def run_compress(args) -> int:
 
 def run_eval(args) -> int:
     from rom_fast.evaluate import wikitext2_perplexity, zero_shot
-    from rom_fast.sources import open_source
+    from rom_fast.io.sources import open_source
 
     source = open_source(args.model)
     tok = source.tokenizer
@@ -249,7 +249,7 @@ def _add_clean(sub) -> None:
 
 
 def run_clean(args) -> int:
-    from rom_fast.output import clean, directory_bytes, leftovers
+    from rom_fast.io.output import clean, directory_bytes, leftovers
     found = leftovers(Path(args.out))
     for p in found:
         print(f"{p}  ({directory_bytes(p) / 2**30:.2f} GiB)")

@@ -15,7 +15,7 @@ solves, and nothing but the statistics is sent before a solve); process 0's fact
 broadcast and written over the others' in place, so every process carries, bit for bit, the
 factors process 0 writes, even across machines whose BLAS rounds differently. The plan is
 broadcast the same way. Only process 0 writes the output; each process keeps its shard's
-hidden states in the resume state (:mod:`rom_fast.output`).
+hidden states in the resume state (:mod:`rom_fast.io.output`).
 
 Launch with ``torchrun --nproc-per-node N -m rom_fast compress ...`` (or any launcher that sets
 the torch.distributed environment); :func:`communicator` joins the group. Backend: gloo (the

@@ -6,7 +6,7 @@ Every function here takes any causal language model that can be called as
 ``*ForCausalLM`` does), dense or compressed, plus its tokenizer.  Nothing is
 modified: the model is switched to ``eval()`` for the call and its previous
 train/eval mode is restored afterwards.  A streamed
-:class:`~rom_fast.sources.BlockSource` (``rom_fast.open_source(directory)``)
+:class:`~rom_fast.io.sources.BlockSource` (``rom_fast.open_source(directory)``)
 is run block by block (:func:`rom_fast.blockwise.forward_logits`): batches
 are grouped so that their hidden states fit a memory budget and each group
 reads every block once; the numbers are those of the model's own forward.
@@ -340,13 +340,13 @@ class _Forward:
     """Calls the model for logits, passing optional kwargs only if accepted."""
 
     def __new__(cls, model):
-        from rom_fast.sources import BlockSource
+        from rom_fast.io.sources import BlockSource
         if isinstance(model, BlockSource) and model.streamed:
             return _BlockwiseForward(model)
         return super().__new__(cls)
 
     def __init__(self, model):
-        from rom_fast.sources import BlockSource
+        from rom_fast.io.sources import BlockSource
         if isinstance(model, BlockSource):   # in memory: its own forward, batch by batch
             model = model.model
         self.model = model
@@ -380,7 +380,7 @@ class _Forward:
 
 
 class _BlockwiseForward:
-    """The same for a :class:`~rom_fast.sources.BlockSource`: batches are run block by block,
+    """The same for a :class:`~rom_fast.io.sources.BlockSource`: batches are run block by block,
     in groups whose hidden states fit a memory budget (a streamed model reads each block once
     per group), with exactly the logits the model's own forward gives."""
 
@@ -397,7 +397,7 @@ class _BlockwiseForward:
 @contextmanager
 def _eval_mode(model):
     """Eval mode for the block (no dropout); the caller's mode comes back after."""
-    from rom_fast.sources import BlockSource
+    from rom_fast.io.sources import BlockSource
     if isinstance(model, BlockSource):
         model = model.model
     was_training = model.training

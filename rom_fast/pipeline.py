@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Union
@@ -34,10 +33,11 @@ from rom_fast import kernels, plans
 from rom_fast.adapters import ModelAdapter
 from rom_fast.blockwise import capture_block_inputs
 from rom_fast.distributed import Communicator
+from rom_fast.io.sources import BlockSource
 from rom_fast.lowrank import set_module
-from rom_fast.sources import BlockSource, release_freed_memory
 from rom_fast.structures import LOWRANK, NEURONS
 from rom_fast.structures.lowrank import OUTPUT
+from rom_fast.util import StageTimer, release_freed_memory
 
 # The anchor weight alpha a run uses unless told (bench/README.md, "Dense-anchored targets").
 DEFAULT_ANCHOR = 0.0
@@ -93,22 +93,6 @@ class LayerRecord:
 class CompressionReport:
     layers: List[LayerRecord] = field(default_factory=list)
     seconds: Dict[str, float] = field(default_factory=lambda: defaultdict(float))
-
-
-class StageTimer:
-    """Accumulates wall time per stage name into a dict (``prefix`` + name)."""
-
-    def __init__(self, seconds: Dict[str, float], prefix: str = ""):
-        self.seconds, self.prefix = seconds, prefix
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            key = self.prefix + stage
-            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0
 
 
 @contextlib.contextmanager
@@ -419,7 +403,7 @@ def _check_plan(source: BlockSource, ranks: Dict[str, int], neurons: Dict[str, i
     """``{module name: block}`` of a plan's modules, after refusing names the model lacks,
     invalid kept-neuron counts and layers (from ``start_block`` on) already compressed."""
     adapter = source.adapter
-    shape = source.shape()
+    shape = plans.ModelShape.of_source(source)
     unknown = sorted(n for n in ranks if n not in shape.shapes) + sorted(n for n in neurons if n not in shape.mlps)
     if unknown:
         raise ValueError(f"plan names layers this model does not have: {unknown[:5]}")

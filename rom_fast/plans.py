@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
-from torch import nn
-
 from rom_fast.adapters import ModelAdapter
 from rom_fast.lowrank import lowrank_params, mlp_neuron_params, saves_parameters
+from rom_fast.util import total_params
 
 # The paper's LLaMA-7B recipes: (kept ratio, last k of 32 blocks, module budget).
 PAPER_RECIPES: Dict[str, Tuple[float, int, float]] = {
@@ -74,6 +73,12 @@ class ModelShape:
         return cls(shapes, block_of, adapter.n_blocks,
                    total_params(adapter.model) if total is None else int(total), mlps)
 
+    @classmethod
+    def of_source(cls, source) -> "ModelShape":
+        """The shape of a :class:`~rom_fast.io.sources.BlockSource`'s model, with the parameter
+        count the source read (a streamed model's skeleton holds no weights)."""
+        return cls.of(source.adapter, source.param_count)
+
     def mlp_linears(self, mlp: str) -> Tuple[str, ...]:
         """The full names of an MLP module's linears: its inputs (gate, up), then down_proj."""
         inputs, down = self.mlps[mlp]
@@ -82,10 +87,6 @@ class ModelShape:
     def mlp_size(self, mlp: str) -> Tuple[int, int]:
         """(d_model, intermediate neurons) of an MLP module."""
         return self.shapes[self.mlps[mlp][1]]
-
-
-def total_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())  # parameters() is tie-aware
 
 
 def kept_params(total: int, shapes: Dict[str, Tuple[int, int]], ranks: Dict[str, int],

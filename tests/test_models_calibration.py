@@ -1,4 +1,4 @@
-"""Tests of rom_fast.models, rom_fast.calibration and the float64 test reference.
+"""Tests of rom_fast.io.models, rom_fast.calibration and the float64 test reference.
 
 Tiny random LLaMA models and a word-level tokenizer are built locally (exact, known token
 ids); the real SmolLM2 GGUF and the shared calibration files are used where available and
@@ -19,12 +19,13 @@ from tokenizers import models as tk_models
 from tokenizers import pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from rom_fast import calibration, models
+from rom_fast import calibration
+from rom_fast.io import models
 from rom_fast.calibration import (
     NAMED_TEXTS, CalibrationBatch, calibration_tokens, default_calibration, default_data_dir,
     generated_tokens,
 )
-from rom_fast.models import load_model, smollm2_gguf_path
+from rom_fast.io.models import load_model, smollm2_gguf_path
 
 
 def _load_reference():

@@ -314,8 +314,9 @@ def test_block_outputs_reuse_the_dense_down_outputs_exactly(centered):
     """The block's outputs are finished from y = down(act) (no second gate/up pass); they must
     equal a plain forward of the compressed block, biases and centring included."""
     from rom_fast.blockwise import capture_block_inputs
-    from rom_fast.pipeline import BlockCompressor, CompressionOptions, CompressionReport, StageTimer
-    from rom_fast.sources import ModelSource
+    from rom_fast.pipeline import BlockCompressor, CompressionOptions, CompressionReport
+    from rom_fast.util import StageTimer
+    from rom_fast.io.sources import ModelSource
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(**TINY, mlp_bias=True, attention_bias=True)
     model = AutoModelForCausalLM.from_config(cfg).eval()

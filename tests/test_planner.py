@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM
 from rom_fast import plans
 from rom_fast.adapters import adapter_for
 from rom_fast.lowrank import lowrank_params
+from rom_fast.io.sources import ModelSource
 from rom_fast.planner import LayerSpectrum, allocate, collect_spectra, planned
 from rom_fast.planner.allocation import _linear_hull, _loss_curve
-from rom_fast.sources import ModelSource
 
 TINY = dict(vocab_size=97, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

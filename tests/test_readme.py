@@ -186,7 +186,7 @@ def tiny_smollm2(tmp_path_factory):
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rom_fast.models import smollm2_gguf_path
+    from rom_fast.io.models import smollm2_gguf_path
     path = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     torch.manual_seed(0)

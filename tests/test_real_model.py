@@ -29,7 +29,7 @@ if not (default_data_dir() / "calibration_text" / "exllamav2_wiki.utf8").is_file
 
 def test_smollm2_matches_reference_perplexity_and_subspaces():
     from rom_fast.evaluate import wikitext2_perplexity
-    from rom_fast.models import load_model
+    from rom_fast.io.models import load_model
 
     torch.set_num_threads(2)
     model, tok = load_model("smollm2")
@@ -58,7 +58,7 @@ def test_smollm2_streamed_from_a_directory_plans_and_compresses_like_in_memory(t
     """The issue-13 bar: SmolLM2 saved as a float32 safetensors directory, compressed streamed
     with budget=0.8, gets the in-memory planner's ranks and its perplexity within 1%."""
     from rom_fast.evaluate import wikitext2_perplexity
-    from rom_fast.models import load_model
+    from rom_fast.io.models import load_model
 
     torch.set_num_threads(2)
     model, tok = load_model("smollm2")

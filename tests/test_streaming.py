@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import rom_fast
 from rom_fast import plans
-from rom_fast.sources import DirectorySource, ModelSource
+from rom_fast.io.sources import DirectorySource, ModelSource
 
 TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=160, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
@@ -105,7 +105,7 @@ def test_streamed_without_out_holds_the_result_and_half_precision_models_stay_ha
 _KILL_CHILD = textwrap.dedent("""
     import os, signal, sys, torch
     import rom_fast
-    from rom_fast import output
+    from rom_fast.io import output
     commit = output.ResumableOutput.commit_block
     def commit_then_die(self, i, *args, **kwargs):
         commit(self, i, *args, **kwargs)
@@ -271,7 +271,7 @@ def test_generated_calibration_streams_and_matches_in_memory(tmp_path):
 
 
 def test_streaming_safetensors_writer_round_trips_through_the_library(tmp_path):
-    from rom_fast.safetensors_index import read_header, write_safetensors
+    from rom_fast.io.safetensors_index import read_header, write_safetensors
     g = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).to(torch.bfloat16),
                "c": torch.arange(6, dtype=torch.int64).view(2, 3), "scalar": torch.tensor(2.5),

@@ -19,12 +19,12 @@ from transformers import AutoModelForCausalLM
 import rom_fast
 from rom_fast import plans
 from rom_fast.adapters import adapter_for
-from rom_fast.checkpoint import check_config
+from rom_fast.io.checkpoint import check_config
 from rom_fast.lowrank import PrunedLinear, mlp_neuron_params
+from rom_fast.io.safetensors_index import CheckpointError
+from rom_fast.io.sources import ModelSource
 from rom_fast.planner import LayerSpectrum, allocate, allocate_plan, collect_spectra, planned
 from rom_fast.planner.allocation import _loss_curve
-from rom_fast.safetensors_index import CheckpointError
-from rom_fast.sources import ModelSource
 
 
 def _reference_compress(*args):

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 import rom_fast
 from rom_fast import lowrank
-from rom_fast.safetensors_index import CheckpointError
+from rom_fast.io.safetensors_index import CheckpointError
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, num_hidden_layers=2, tie_word_embeddings=True)

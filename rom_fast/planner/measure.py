@@ -31,9 +31,9 @@ from rom_fast.adapters import ModelAdapter
 from rom_fast.blockwise import capture_block_inputs
 from rom_fast.distributed import Communicator
 from rom_fast.structures.lowrank import output_route
-from rom_fast.pipeline import StageTimer
-from rom_fast.safetensors_index import write_safetensors
-from rom_fast.sources import BlockSource, release_freed_memory
+from rom_fast.io.safetensors_index import write_safetensors
+from rom_fast.io.sources import BlockSource
+from rom_fast.util import StageTimer, release_freed_memory
 
 # Greedy neuron removal in the planner takes about this many steps per MLP (exact curve points;
 # 256 made the planner pass 12x longer on SmolLM2).

@@ -4,8 +4,8 @@
 and a ``rom_fast`` section listing every factorized layer (rank, biases) and the plan used.
 The ``rom_fast_<base>`` classes are registered with transformers' Auto classes when rom_fast is
 imported, so ``AutoModelForCausalLM.from_pretrained(dir)`` rebuilds the factorized model.
-Directories are written by :mod:`rom_fast.output`: block by block under a temporary name,
-resumable, renamed into place when complete.
+Directories are written by :mod:`rom_fast.io.output`: block by block under a temporary name,
+resumable, renamed into place when complete; :func:`rom_fast.io.sources.load` reads them back.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ from typing import Dict
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from rom_fast.adapters import ADAPTERS, adapter_class
 from rom_fast.lowrank import LowRankLinear, PrunedLinear, apply_structure
-from rom_fast.safetensors_index import CheckpointError
+from rom_fast.io.output import SPECTRA_FILE
+from rom_fast.io.safetensors_index import CheckpointError
 
 FORMAT_VERSION = 1
 _BASES = {}   # base model_type -> registered rom_fast model_type
-SPECTRA_FILE = "rom_fast_spectra.json"
 _MODEL_CLASSES: Dict[str, type] = {}   # registered model_type -> its causal-LM class
 
 
@@ -43,7 +44,6 @@ def check_config(cfg: dict, where: str) -> None:
     """Refuses a config.json (as a dict) whose sizes are absurd or inconsistent, or whose
     ``rom_fast`` section names layers, ranks or biases the architecture cannot have; ``where``
     (the file) starts every message. Called before any module or buffer is built."""
-    from rom_fast.adapters import adapter_class
     for key, limit in SIZE_LIMITS.items():
         value = cfg.get(key)
         if value is None and key not in REQUIRED_SIZES:
@@ -145,9 +145,31 @@ def _register(base_type: str) -> str:
 
 
 def register_all() -> None:
-    from rom_fast.adapters import ADAPTERS
     for base_type in ADAPTERS:
         _register(base_type)
+
+
+def read_config(directory: Path):
+    """The transformers config of model directory ``directory``, read as untrusted input: its
+    config.json must be a JSON object naming a supported architecture with sane sizes and a
+    valid rom_fast section (:func:`check_config`), all checked before anything is built. The
+    ``rom_fast_<base>`` classes are registered first, so a compressed checkpoint's config reads."""
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{directory} is not a model directory (no config.json)")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{config_file}: not readable JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file}: not a JSON object")
+    adapter_class(raw.get("model_type"), str(config_file))      # supported, before building anything
+    check_config(raw, str(config_file))                           # sane sizes, a valid rom_fast plan
+    register_all()                                                # rom_fast_<base> compressed checkpoints
+    try:
+        return AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{config_file}: {exc}") from None
 
 
 def factorized_layers(module: nn.Module, prefix: str = "") -> dict:
@@ -210,19 +232,3 @@ def write_metadata(directory: Path, config, tokenizer, metadata: dict, card: str
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     (directory / "README.md").write_text(card)
-
-
-def load(path, dtype: torch.dtype = torch.float32, with_tokenizer: bool = False):
-    """Loads a directory written by :func:`rom_fast.compress` (factorized or merged)."""
-    from rom_fast.sources import DirectorySource
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
-    # Config sizes, plan, shard headers and every tensor's shape checked on a weightless
-    # skeleton before transformers allocates anything.
-    DirectorySource(path, read_tokenizer=False)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    model.eval()
-    if with_tokenizer:
-        return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return model

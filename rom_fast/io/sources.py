@@ -8,7 +8,7 @@ free; for a Hugging Face safetensors directory only one block is in memory at a 
 same code handles a 135M model and a 70B one.
 
 A directory is read as untrusted input: its config must name a supported architecture, every
-shard header is parsed and checked (:mod:`rom_fast.safetensors_index`), and every tensor the
+shard header is parsed and checked (:mod:`rom_fast.io.safetensors_index`), and every tensor the
 config implies must be there with the right shape and a floating dtype, all before the first
 block is loaded. Nothing is unpickled and no remote code runs.
 """
@@ -25,21 +25,13 @@ from typing import Dict, Iterator, List, Optional
 import torch
 from torch import nn
 
-from rom_fast.adapters import ModelAdapter, adapter_class, adapter_for
-from rom_fast.plans import ModelShape, total_params
-from rom_fast.safetensors_index import FLOAT_DTYPES, CheckpointError, SafetensorsIndex
+from rom_fast.adapters import ModelAdapter, adapter_for
+from rom_fast.io.checkpoint import read_config
+from rom_fast.io.models import TOKENIZER_FILES, load_model
+from rom_fast.io.safetensors_index import FLOAT_DTYPES, CheckpointError, SafetensorsIndex
+from rom_fast.util import release_freed_memory, total_params
 
 COMPUTE_DTYPE = torch.float32      # arithmetic precision of every block (weights widened on load)
-
-
-def release_freed_memory() -> None:
-    """Returns freed heap pages to the OS (glibc keeps them otherwise, and the heap of a long
-    streamed run then grows block after block through fragmentation). No-op elsewhere."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _materialize(module: nn.Module, prefix: str, tensors: Dict[str, torch.Tensor]) -> None:
@@ -74,9 +66,6 @@ class BlockSource:
     @property
     def config(self):
         return self.model.config
-
-    def shape(self) -> ModelShape:
-        return ModelShape.of(self.adapter, self.param_count)
 
     def load_block(self, i: int) -> nn.Module:
         raise NotImplementedError
@@ -190,32 +179,11 @@ class DirectorySource(BlockSource):
     streamed = True
 
     def __init__(self, directory, tokenizer=None, read_tokenizer: bool = True):
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from rom_fast.checkpoint import check_config, register_all
         self.directory = Path(directory)
         self.name = str(directory)
-        config_file = self.directory / "config.json"
-        if not config_file.is_file():
-            raise CheckpointError(f"{self.directory} is not a model directory (no config.json)")
-        try:
-            raw = json.loads(config_file.read_text())
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{config_file}: not readable JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{config_file}: not a JSON object")
-        adapter_class(raw.get("model_type"), str(config_file))      # supported, before building anything
-        check_config(raw, str(config_file))                           # sane sizes, a valid rom_fast plan
-        register_all()                                                # rom_fast_<base> compressed checkpoints
-        try:
-            config = AutoConfig.from_pretrained(self.directory, local_files_only=True)
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise CheckpointError(f"{config_file}: {exc}") from None
+        config = read_config(self.directory)
         self.index = SafetensorsIndex(self.directory)
-        with init_empty_weights(include_buffers=False):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=COMPUTE_DTYPE)
-        self.model.eval()
+        self.model = _skeleton(config)
         self.adapter = adapter_for(self.model)
         self.param_count = self._check_tensors()
         self.storage_dtype = self._storage_dtype()
@@ -341,10 +309,19 @@ class DirectorySource(BlockSource):
         return self.model
 
 
+def _skeleton(config) -> nn.Module:
+    """The causal LM of ``config`` without weights (parameters on the meta device, buffers
+    real), in eval mode."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=COMPUTE_DTYPE)
+    return model.eval()
+
+
 def _directory_tokenizer(path: Path):
     from transformers import AutoTokenizer
-
-    from rom_fast.models import TOKENIZER_FILES
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return None
     try:
@@ -358,8 +335,6 @@ def open_source(model, tokenizer=None) -> BlockSource:
     transformers model object (compressed in place), a Hugging Face directory (streamed), a
     ``.gguf`` file or ``"smollm2"`` (loaded into memory, de-quantized to float32)."""
     from transformers import PreTrainedModel
-
-    from rom_fast.models import load_model
     if isinstance(model, BlockSource):
         if tokenizer is not None:
             model.tokenizer = tokenizer
@@ -370,3 +345,20 @@ def open_source(model, tokenizer=None) -> BlockSource:
         return DirectorySource(Path(model).expanduser(), tokenizer)
     loaded, tok = load_model(model, tokenizer=tokenizer)
     return ModelSource(loaded, tok, name=str(model))
+
+
+def load(path, dtype: torch.dtype = torch.float32, with_tokenizer: bool = False):
+    """Loads a directory written by :func:`rom_fast.compress` (factorized or merged)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+    # Config sizes, plan, shard headers and every tensor's shape checked on a weightless
+    # skeleton before transformers allocates anything.
+    DirectorySource(path, read_tokenizer=False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    model.eval()
+    if with_tokenizer:
+        return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model

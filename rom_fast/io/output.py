@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional
 import torch
 from safetensors import safe_open
 
-from rom_fast.safetensors_index import INDEX_FILE, read_header, write_safetensors
+from rom_fast.io.safetensors_index import INDEX_FILE, read_header, write_safetensors
 
 STATE_FILE = "rom_fast_state.json"
 STATE_FORMAT = 1
@@ -138,6 +138,19 @@ def check_free_space(directory: Path, needed: int, what: str) -> None:
                       f"only {free / 2**30:.2f} GiB is free")
 
 
+def _block_file(i: int) -> str:
+    return f"block-{i:05d}.safetensors"
+
+
+def _hidden_file(i: int) -> str:
+    """The saved input hidden states of block i."""
+    return f"hidden-{i:05d}.safetensors"
+
+
+def _params(tensors: Dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in tensors.values())
+
+
 def _differences(a: dict, b: dict) -> List[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
@@ -173,28 +186,38 @@ class ResumableOutput:
     """
 
     rank = 0
-    processes = 1
-    synchronize: Optional[Callable[[], None]] = None
 
-    def __init__(self, out, fingerprint: dict, command: str, overwrite: bool = False, restart: bool = False):
+    def __init__(self, out, fingerprint: dict, command: str, overwrite: bool = False, restart: bool = False,
+                 processes: int = 1, synchronize: Optional[Callable[[], None]] = None):
         self.out = Path(out)
         self.partial = self.out.parent / f".{self.out.name}.partial"
         self.fingerprint = json.loads(json.dumps(fingerprint))    # as it reads back from the state
         self.command = command
         self.overwrite = overwrite
+        self.processes, self.synchronize = processes, synchronize
         check_replaceable(self.out, overwrite)
         self.state: Optional[dict] = None
         if self.partial.exists() and restart:
             shutil.rmtree(self.partial)
         if self.partial.exists():
             self.state = self._read_state()
-            if self.state.get("fingerprint") != self.fingerprint:
-                diff = _differences(self.state.get("fingerprint", {}), self.fingerprint)
-                raise ValueError(
-                    f"{self.out}: an interrupted run of a different command is in {self.partial} "
-                    f"({self.state.get('blocks_done', 0)} blocks done; it differs in: {', '.join(diff)}; "
-                    f"started by: {self.state.get('command', '?')}). Rerun that command to resume it, "
-                    "or pass restart=True / --restart to discard it")
+            self._check_same_run()
+        self._report_leftovers()
+
+    # -- opening ------------------------------------------------------------------------------
+    def _check_same_run(self) -> None:
+        """Refuses the partial directory of a run with another fingerprint."""
+        if self.state.get("fingerprint") == self.fingerprint:
+            return
+        diff = _differences(self.state.get("fingerprint", {}), self.fingerprint)
+        raise ValueError(
+            f"{self.out}: an interrupted run of a different command is in {self.partial} "
+            f"({self.state.get('blocks_done', 0)} blocks done; it differs in: {', '.join(diff)}; "
+            f"started by: {self.state.get('command', '?')}). Rerun that command to resume it, "
+            "or pass restart=True / --restart to discard it")
+
+    def _report_leftovers(self) -> None:
+        """Names, on stderr, the partial directories other runs for ``out`` left (never removed)."""
         others = [p for p in leftovers(self.out) if p != self.partial]
         if others:
             total = sum(directory_bytes(p) for p in others)
@@ -268,26 +291,34 @@ class ResumableOutput:
                      records: List[dict], hidden: Optional[torch.Tensor]) -> None:
         """Block i is finished: its shard (tensors cast to ``dtype`` one at a time), then the
         next block's inputs, then the state."""
-        name = f"block-{i:05d}.safetensors"
+        name = _block_file(i)
         save_tensors_atomic(self.partial / name, tensors, dtype)
         previous = self.state.get("hidden")
         hidden_name = None
         if hidden is not None:
-            hidden_name = f"hidden-{i + 1:05d}.safetensors"
+            hidden_name = _hidden_file(i + 1)
             save_tensors_atomic(self.partial / hidden_name, {"hidden": hidden})
         if self.synchronize is not None:
             self.synchronize()          # every process's shard is on disk before the state names it
+        self._record_block(i, name, layers, _params(tensors), records, hidden_name)
+        if previous and previous != hidden_name:
+            self._remove_hidden(previous)
+
+    def _record_block(self, i: int, name: str, layers: dict, params: int, records: List[dict],
+                      hidden_name: Optional[str]) -> None:
+        """Writes the state naming block i's shard and the next block's inputs ``hidden_name``."""
         state = dict(self.state)
-        state["blocks"] = dict(state["blocks"], **{str(i): {
-            "file": name, "layers": layers, "params": sum(t.numel() for t in tensors.values())}})
+        state["blocks"] = dict(state["blocks"], **{str(i): {"file": name, "layers": layers, "params": params}})
         state["blocks_done"] = i + 1
         state["hidden"] = hidden_name
         state["records"] = state["records"] + records
         write_json_atomic(self.partial / STATE_FILE, state)
         self.state = state
-        if previous and previous != hidden_name:
-            for rank in range(self.processes):
-                (self.partial / shard_name(previous, rank)).unlink(missing_ok=True)
+
+    def _remove_hidden(self, name: str) -> None:
+        """Deletes every process's shard of the saved hidden states ``name``."""
+        for rank in range(self.processes):
+            (self.partial / shard_name(name, rank)).unlink(missing_ok=True)
 
     # -- completion ---------------------------------------------------------------------------
     def finish(self, dense_blocks: Iterable[int], dense_tensors: Callable[[int], Dict[str, torch.Tensor]],
@@ -295,29 +326,50 @@ class ResumableOutput:
         """Writes the blocks the plan left dense (``dense_tensors(i)``, one at a time), the outer
         tensors and the index, then ``write_metadata(directory, params_saved)`` (config,
         tokenizer, card), and renames the directory into place. Returns the parameters saved."""
+        blocks = self._write_dense_blocks(dense_blocks, dense_tensors)
+        save_tensors_atomic(self.partial / OUTER_FILE, outer)
+        self._write_index(blocks)
+        params = sum(e["params"] for e in blocks.values()) + _params(outer)
+        with naming(self.partial):          # config, tokenizer and card
+            write_metadata(self.partial, params)
+        self._remove_resume_files()
+        self._move_into_place()
+        return params
+
+    def _write_dense_blocks(self, dense_blocks: Iterable[int],
+                            dense_tensors: Callable[[int], Dict[str, torch.Tensor]]) -> Dict[str, dict]:
+        """Writes the blocks the plan left dense, one at a time; returns every block's entry
+        (the state's and theirs)."""
         blocks = dict(self.state["blocks"])
         for i in dense_blocks:
-            name = f"block-{i:05d}.safetensors"
+            name = _block_file(i)
             tensors = dense_tensors(i)
             save_tensors_atomic(self.partial / name, tensors)
-            blocks[str(i)] = {"file": name, "layers": {}, "params": sum(t.numel() for t in tensors.values())}
+            blocks[str(i)] = {"file": name, "layers": {}, "params": _params(tensors)}
             del tensors
-        save_tensors_atomic(self.partial / OUTER_FILE, outer)
+        return blocks
+
+    def _write_index(self, blocks: Dict[str, dict]) -> None:
+        """The safetensors index of the block shards and the outer file, read back from their headers."""
         weight_map, total_bytes = {}, 0
         for entry in sorted(blocks.values(), key=lambda e: e["file"]) + [{"file": OUTER_FILE}]:
             for key, info in read_header(self.partial / entry["file"]).items():
                 weight_map[key] = entry["file"]
                 total_bytes += info.nbytes
-        params = sum(e["params"] for e in blocks.values()) + sum(t.numel() for t in outer.values())
         write_json_atomic(self.partial / INDEX_FILE,
                           {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
-        with naming(self.partial):          # config, tokenizer and card
-            write_metadata(self.partial, params)
+
+    def _remove_resume_files(self) -> None:
+        """Deletes the calibration tokens, the saved hidden states and, last, the state."""
         hidden = self.state.get("hidden")
         for name in [CALIBRATION_FILE] + ([shard_name(hidden, r) for r in range(self.processes)] if hidden else []):
             (self.partial / name).unlink(missing_ok=True)
         (self.partial / STATE_FILE).unlink()
         _fsync_dir(self.partial)
+
+    def _move_into_place(self) -> None:
+        """Renames the partial directory to ``out``; a previous ``out`` is moved aside first and
+        deleted only once the new one is in place."""
         if self.out.exists():
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
             os.replace(self.out, old)
@@ -326,7 +378,6 @@ class ResumableOutput:
         else:
             os.replace(self.partial, self.out)
         _fsync_dir(self.out.parent)
-        return params
 
     def abandon(self) -> None:
         """A run that failed before writing any block leaves nothing behind."""
@@ -350,7 +401,7 @@ class OutputShard(ResumableOutput):
         raise RuntimeError("process 0 starts the output")
 
     def commit_block(self, i: int, tensors, dtype, layers, records, hidden: Optional[torch.Tensor]) -> None:
-        hidden_name = None if hidden is None else f"hidden-{i + 1:05d}.safetensors"
+        hidden_name = None if hidden is None else _hidden_file(i + 1)
         if hidden is not None:
             save_tensors_atomic(self.partial / shard_name(hidden_name, self.rank), {"hidden": hidden})
         self.synchronize()
