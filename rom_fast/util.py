@@ -53,6 +53,11 @@ class StageTimer:
             self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0
 
 
+def positive_int(value) -> bool:
+    """Whether ``value`` is an int (not a bool) >= 1: a size or rank read from untrusted JSON."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def check_int(name: str, value, minimum: int) -> int:
     """``value`` itself if it is an int (not a bool) >= ``minimum``; ValueError otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -213,11 +213,11 @@ def record(path: Path, only: str) -> None:
 
 def compare(a_path: Path, b_path: Path) -> int:
     a, b = json.loads(a_path.read_text()), json.loads(b_path.read_text())
-    differing = 0
+    differing, only = 0, 0
     for case in sorted(set(a) | set(b)):
         if case not in a or case not in b:
             print(f"{case}: only in {a_path if case in a else b_path}")
-            differing += 1
+            only += 1
             continue
         diffs = [k for k in ("plan", "layers") if a[case][k] != b[case][k]]
         ta, tb = a[case]["tensors"], b[case]["tensors"]
@@ -226,7 +226,7 @@ def compare(a_path: Path, b_path: Path) -> int:
             differing += 1
             print(f"{case}: {len(diffs)} differences: {', '.join(diffs[:6])}")
     same = len(set(a) & set(b)) - differing
-    print(f"{same} identical, {differing} differing cases")
+    print(f"{same} identical, {differing} differing cases" + (f" ({only} recorded in one file only)" if only else ""))
     return 1 if differing else 0
 
 

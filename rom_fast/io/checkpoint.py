@@ -19,6 +19,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from rom_fast.adapters import ADAPTERS, adapter_class
+from rom_fast.structures import STRUCTURES
+from rom_fast.util import positive_int
 from rom_fast.lowrank import LowRankLinear, PrunedLinear, apply_structure
 from rom_fast.io.output import SPECTRA_FILE
 from rom_fast.io.safetensors_index import CheckpointError
@@ -36,10 +38,6 @@ SIZE_LIMITS = {"hidden_size": 1 << 17, "intermediate_size": 1 << 20, "num_hidden
 REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def check_config(cfg: dict, where: str) -> None:
     """Refuses a config.json (as a dict) whose sizes are absurd or inconsistent, or whose
     ``rom_fast`` section names layers, ranks or biases the architecture cannot have; ``where``
@@ -48,7 +46,7 @@ def check_config(cfg: dict, where: str) -> None:
         value = cfg.get(key)
         if value is None and key not in REQUIRED_SIZES:
             continue
-        if not _positive_int(value) or value > limit:
+        if not positive_int(value) or value > limit:
             raise CheckpointError(f"{where}: {key} = {value!r} is not a size rom_fast accepts "
                                   f"(a positive integer <= {limit})")
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
@@ -67,7 +65,9 @@ def check_config(cfg: dict, where: str) -> None:
     adapter = adapter_class(cfg.get("model_type"), where)
     shapes = adapter.linear_shapes(cfg)
     head = adapter.layers_path + "."
-    pruned: Dict[str, Dict[str, dict]] = {}     # block prefix -> {linear: spec}
+    # {structure: {block prefix: {linear: spec}}}, in layer order; each structure checks its own
+    grouped: Dict[object, Dict[str, Dict[str, dict]]] = {s: {} for s in STRUCTURES.values()}
+    by_spec = {s.spec_name: s for s in STRUCTURES.values()}
     for name, spec in layers.items():
         block, _, rel = name[len(head):].partition(".") if name.startswith(head) else ("", "", "")
         if not (block.isdigit() and int(block) < cfg["num_hidden_layers"] and rel in shapes):
@@ -75,45 +75,16 @@ def check_config(cfg: dict, where: str) -> None:
                                   f"{cfg['num_hidden_layers']}-block model")
         if not isinstance(spec, dict):
             raise CheckpointError(f"{where}: rom_fast layer {name!r}: expected an object")
-        if spec.get("structure", "lowrank") == "pruned":
-            pruned.setdefault(head + block + ".", {})[rel] = spec
-            continue
-        if spec.get("structure", "lowrank") != "lowrank":
+        structure = by_spec.get(spec.get("structure", "lowrank"))
+        if structure is None:
             raise CheckpointError(f"{where}: rom_fast layer {name!r}: unknown structure {spec.get('structure')!r}")
-        d_out, d_in = shapes[rel]
-        rank = spec.get("rank")
-        if not _positive_int(rank) or rank > min(d_out, d_in):
-            raise CheckpointError(f"{where}: rom_fast layer {name!r} has rank {rank!r}; a {d_out} x {d_in} "
-                                  f"layer takes 1 to {min(d_out, d_in)}")
-        for flag in ("reduce_bias", "expand_bias"):
-            if not isinstance(spec.get(flag, False), bool):
-                raise CheckpointError(f"{where}: rom_fast layer {name!r}: {flag} must be true or false")
-    for prefix, specs in pruned.items():
-        _check_pruned_mlp(adapter, shapes, prefix, specs, where)
-
-
-def _check_pruned_mlp(adapter, shapes: dict, prefix: str, specs: Dict[str, dict], where: str) -> None:
-    """A pruned MLP must be pruned whole: gate/up keep the same k output rows and down_proj
-    reads those k, 1 <= k <= intermediate_size; the other sides keep their sizes."""
-    inputs, down = adapter.mlp.inputs, adapter.mlp.output
-    if set(specs) != set(inputs) | {down}:
-        raise CheckpointError(f"{where}: {prefix}: pruned layers {sorted(specs)} do not form a whole MLP "
-                              f"({', '.join(inputs)} and {down})")
-    for rel, spec in specs.items():
-        for key in ("out_features", "in_features"):
-            if not _positive_int(spec.get(key)):
-                raise CheckpointError(f"{where}: rom_fast layer {prefix + rel!r}: {key} = {spec.get(key)!r} "
-                                      "is not a positive integer")
-        if not isinstance(spec.get("bias", False), bool):
-            raise CheckpointError(f"{where}: rom_fast layer {prefix + rel!r}: bias must be true or false")
-    kept = specs[down]["in_features"]
-    for rel, spec in specs.items():
-        d_out, d_in = shapes[rel]
-        want = (d_out, kept) if rel == down else (kept, d_in)
-        if kept > shapes[down][1] or (spec["out_features"], spec["in_features"]) != want:
-            raise CheckpointError(f"{where}: rom_fast layer {prefix + rel!r} is {spec['out_features']} x "
-                                  f"{spec['in_features']}; an MLP keeping {kept} of {shapes[down][1]} neurons "
-                                  f"needs {want[0]} x {want[1]}")
+        grouped[structure].setdefault(head + block + ".", {})[rel] = spec
+    for structure, blocks in grouped.items():
+        for prefix, specs in blocks.items():
+            try:
+                structure.check_specs(adapter, shapes, prefix, specs)
+            except ValueError as exc:
+                raise CheckpointError(f"{where}: {exc}") from None
 
 
 def _register(base_type: str) -> str:

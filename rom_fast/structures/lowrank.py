@@ -16,6 +16,7 @@ import torch
 
 from rom_fast import kernels
 from rom_fast.lowrank import from_factors, lowrank_params, set_module
+from rom_fast.util import positive_int
 
 # Kinds of statistics a structure reads from a sublayer's output stage.
 CORE = "core"          # the output linear's inputs
@@ -46,6 +47,7 @@ class LowRank:
     """Every linear of a sublayer given a rank keeps ``W1 W2`` of that rank; the others stay dense."""
 
     name = "lowrank"
+    spec_name = "lowrank"       # config.json's "structure" of a factorized layer (the default)
 
     # -- statistics ---------------------------------------------------------------------------
     def input_ranks(self, sub, ranks: dict) -> dict:
@@ -145,6 +147,22 @@ class LowRank:
     def replace(block, name: str, linear, f: kernels.Factorization) -> None:
         with torch.inference_mode(False):   # ordinary parameters: the model can be cast, saved, fine-tuned
             set_module(block, name, from_factors(linear, f.w1, f.w2, f.b1, f.b2))
+
+    # -- checkpoint spec ------------------------------------------------------------------------
+    @staticmethod
+    def check_specs(adapter, shapes: dict, prefix: str, specs: dict) -> None:
+        """Untrusted config.json specs of one block's factorized linears: a rank the layer can
+        have and boolean bias flags (ValueError otherwise)."""
+        for rel, spec in specs.items():
+            name = prefix + rel
+            d_out, d_in = shapes[rel]
+            rank = spec.get("rank")
+            if not positive_int(rank) or rank > min(d_out, d_in):
+                raise ValueError(f"rom_fast layer {name!r} has rank {rank!r}; a {d_out} x {d_in} "
+                                 f"layer takes 1 to {min(d_out, d_in)}")
+            for flag in ("reduce_bias", "expand_bias"):
+                if not isinstance(spec.get(flag, False), bool):
+                    raise ValueError(f"rom_fast layer {name!r}: {flag} must be true or false")
 
     # -- planner curve --------------------------------------------------------------------------
     @staticmethod

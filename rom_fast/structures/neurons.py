@@ -17,6 +17,7 @@ from typing import List, Tuple
 
 from rom_fast.lowrank import mlp_neuron_params, pruned_linear, set_module
 from rom_fast.structures.lowrank import CORE
+from rom_fast.util import positive_int
 
 # Greedy neuron selection removes about n / SELECTION_GROUPS neurons per exact step: each step
 # is a rank-g update of the n x n inverse, memory-bound for g = 1 (one at a time took 3.5x the
@@ -35,6 +36,7 @@ class KeptNeurons:
     """The MLP sublayer keeps ``k`` whole neurons (the plan's setting is k)."""
 
     name = "neurons"
+    spec_name = "pruned"        # config.json's "structure" of each linear of a pruned MLP
 
     # -- statistics ---------------------------------------------------------------------------
     def input_ranks(self, sub, keep: int) -> dict:
@@ -82,6 +84,32 @@ class KeptNeurons:
         for name, lin in zip(list(sub.inputs) + [sub.output], inputs + [down]):
             step.record(name, lin, keep, energy, "neurons")
         return None
+
+    # -- checkpoint spec ------------------------------------------------------------------------
+    @staticmethod
+    def check_specs(adapter, shapes: dict, prefix: str, specs: dict) -> None:
+        """Untrusted config.json specs of one block's pruned linears: the MLP is pruned whole
+        (its input linears keep the same k output rows and its output linear reads those k,
+        1 <= k <= intermediate size; the other sides keep their sizes). ValueError otherwise."""
+        inputs, down = adapter.mlp.inputs, adapter.mlp.output
+        if set(specs) != set(inputs) | {down}:
+            raise ValueError(f"{prefix}: pruned layers {sorted(specs)} do not form a whole MLP "
+                             f"({', '.join(inputs)} and {down})")
+        for rel, spec in specs.items():
+            for key in ("out_features", "in_features"):
+                if not positive_int(spec.get(key)):
+                    raise ValueError(f"rom_fast layer {prefix + rel!r}: {key} = {spec.get(key)!r} "
+                                     "is not a positive integer")
+            if not isinstance(spec.get("bias", False), bool):
+                raise ValueError(f"rom_fast layer {prefix + rel!r}: bias must be true or false")
+        kept = specs[down]["in_features"]
+        for rel, spec in specs.items():
+            d_out, d_in = shapes[rel]
+            want = (d_out, kept) if rel == down else (kept, d_in)
+            if kept > shapes[down][1] or (spec["out_features"], spec["in_features"]) != want:
+                raise ValueError(f"rom_fast layer {prefix + rel!r} is {spec['out_features']} x "
+                                 f"{spec['in_features']}; an MLP keeping {kept} of {shapes[down][1]} neurons "
+                                 f"needs {want[0]} x {want[1]}")
 
     # -- planner curve --------------------------------------------------------------------------
     @staticmethod
