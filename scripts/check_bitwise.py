@@ -192,7 +192,7 @@ def run_smollm2(name: str, work: Path) -> dict:
     return digest(out)
 
 
-def record(path: Path, only: str) -> None:
+def record(path: Path, only: str, names=None) -> None:
     results = {}
     cases = []
     if only in ("all", "tiny"):
@@ -204,6 +204,8 @@ def record(path: Path, only: str) -> None:
         for name in SMOLLM2:
             cases.append((name, lambda w, n=name: run_smollm2(n, w)))
     for name, run in cases:
+        if names and name not in names:
+            continue
         with tempfile.TemporaryDirectory(prefix="rom_fast_bitwise-") as tmp:
             print(f"{name} ...", file=sys.stderr, flush=True)
             results[name] = run(Path(tmp))
@@ -239,12 +241,13 @@ def main() -> int:
     r = sub.add_parser("record")
     r.add_argument("path", type=Path)
     r.add_argument("--only", choices=["all", "tiny", "smollm2"], default="all")
+    r.add_argument("--case", action="append", help="record only the cases of these names (repeatable)")
     c = sub.add_parser("compare")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
     args = p.parse_args()
     if args.command == "record":
-        record(args.path, args.only)
+        record(args.path, args.only, args.case)
         return 0
     return compare(args.a, args.b)
 
