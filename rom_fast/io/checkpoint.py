@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Dict
 
-import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
