@@ -2,10 +2,12 @@
 
 Everything else (the compression loop, the planner, block-by-block evaluation, streamed
 checkpoints) asks the adapter where the blocks, norms, embedding and head live, what their
-checkpoint names are, and how to call a block or its attention. LLaMA, Mistral and Qwen2 share
-the pre-norm block ``h += attn(norm1(h)); h += mlp(norm2(h))`` with q/k/v/o and gate/up/down
-projections; they differ in biases (Qwen2's q/k/v, handled exactly by the factorization) and
-attention masks (built by the model's own forward, captured before the first block).
+checkpoint names are, and how to call a block or its attention. :class:`ModelAdapter` is the
+LLaMA layout: the pre-norm block ``h += attn(norm1(h)); h += mlp(norm2(h))`` with q/k/v/o and
+gate/up/down projections. Each family is one module under :mod:`rom_fast.families` that
+subclasses it (overriding only what differs) and registers itself with :func:`register`;
+attention masks and rotary embeddings are built by the model's own forward and captured per
+block (:mod:`rom_fast.blockwise`).
 """
 
 from __future__ import annotations
@@ -87,14 +89,6 @@ class ModelAdapter:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.check(model)
-
-    def check(self, model: nn.Module) -> None:
-        types = getattr(model.config, "layer_types", None)
-        if types is not None and len(set(types)) > 1:
-            raise NotImplementedError(
-                f"{type(model).__name__} mixes attention types {sorted(set(types))}; "
-                "rom_fast supports models whose blocks share one attention mask")
 
     @property
     def sublayers(self) -> Tuple[Sublayer, ...]:
@@ -184,21 +178,18 @@ class ModelAdapter:
         return head(norm(hidden.to(head.weight.dtype)))
 
 
-class LlamaAdapter(ModelAdapter):
-    model_types = ("llama",)
+# {config.model_type: adapter class}; each family module under rom_fast/families registers its own.
+ADAPTERS: Dict[str, Type[ModelAdapter]] = {}
 
 
-class MistralAdapter(ModelAdapter):
-    model_types = ("mistral",)
-
-
-class Qwen2Adapter(ModelAdapter):
-    model_types = ("qwen2",)
-
-
-ADAPTERS: Dict[str, Type[ModelAdapter]] = {
-    t: cls for cls in (LlamaAdapter, MistralAdapter, Qwen2Adapter) for t in cls.model_types
-}
+def register(cls: Type[ModelAdapter]) -> Type[ModelAdapter]:
+    """Class decorator: the adapter of every ``model_type`` in ``cls.model_types``."""
+    for model_type in cls.model_types:
+        if model_type in ADAPTERS and ADAPTERS[model_type] is not cls:
+            raise ValueError(f"two adapters for model_type {model_type!r}: "
+                             f"{ADAPTERS[model_type].__name__} and {cls.__name__}")
+        ADAPTERS[model_type] = cls
+    return cls
 
 
 def adapter_class(model_type: Optional[str], what: str = "") -> Type[ModelAdapter]:
@@ -215,3 +206,7 @@ def adapter_class(model_type: Optional[str], what: str = "") -> Type[ModelAdapte
 def adapter_for(model: nn.Module) -> ModelAdapter:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return adapter_class(model_type, type(model).__name__)(model)
+
+
+# Every family module registers its adapter on import (after the names above exist).
+import rom_fast.families  # noqa: E402,F401  (registration side effect)

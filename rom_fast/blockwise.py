@@ -14,6 +14,7 @@ import math
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
 from rom_fast.io.sources import BlockSource
 
@@ -24,38 +25,73 @@ class _StopForward(Exception):
     pass
 
 
-class _FirstBlockInputs:
-    """Runs the model's forward up to its first block and returns what the block gets."""
+class _BlockCallRecorder(nn.Module):
+    """Stands in for decoder block ``index`` during a capture: records the keyword arguments
+    the model's forward calls it with and passes the hidden states through unchanged (the
+    recorded hidden states of block 0 are the first block's inputs). The last one stops the
+    forward before the final norm and head, which a streamed source has not loaded."""
+
+    def __init__(self, block: nn.Module, index: int, calls: List[Dict], last: bool):
+        super().__init__()
+        # Plain attributes the model's forward may read from its blocks (e.g. attention_type).
+        for key, value in vars(block).items():
+            if not key.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
+                setattr(self, key, value)
+        self.index, self.calls, self.last = index, calls, last
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.calls.append({"hidden": hidden, **{k: v for k, v in kwargs.items() if k != "hidden_states"}})
+        if self.last:
+            raise _StopForward
+        return hidden
+
+
+class _BlockInputs:
+    """Runs the model's own forward with every block replaced by a :class:`_BlockCallRecorder`
+    and returns what each block gets: the first block's hidden states and, per block, the
+    keyword arguments (masks, rotary embeddings). They differ between blocks of models that
+    mix attention types (sliding and global layers: Gemma-2/3); blocks of one type get the
+    same tensors, so holding them per block costs no memory."""
 
     def __init__(self, source: BlockSource):
         self.source = source
-        self.captured: dict = {}
 
     def __enter__(self):
-        def hook(_module, args, kwargs):
-            self.captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-            self.captured["kwargs"] = kwargs
-            raise _StopForward
-
-        self.handle = self.source.adapter.blocks()[0].register_forward_pre_hook(hook, with_kwargs=True)
+        self.blocks = self.source.adapter.blocks()
+        self.originals = list(self.blocks)
+        self.calls: List[Dict] = []
+        n = len(self.originals)
+        for i, block in enumerate(self.originals):
+            self.blocks[i] = _BlockCallRecorder(block, i, self.calls, last=i == n - 1)
         self.embedding = self.source.embedding()
         self.embedding.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.handle.remove()
+        for i, block in enumerate(self.originals):
+            self.blocks[i] = block
         return self.embedding.__exit__(*exc)
 
-    def __call__(self, **model_kwargs):
-        """(hidden states, every kwarg the first block was called with)."""
+    def __call__(self, **model_kwargs) -> Tuple[torch.Tensor, List[Dict]]:
+        """(hidden states of the first block, [every kwarg block i was called with])."""
+        del self.calls[:]
         try:
             self.source.model(**model_kwargs)
         except _StopForward:
             pass
-        else:
-            raise RuntimeError("the model's forward never reached its first decoder block")
-        kwargs = self.captured.pop("kwargs")
-        return self.captured.pop("hidden").detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        if len(self.calls) != len(self.originals):
+            raise RuntimeError(f"the model's forward called {len(self.calls)} of its {len(self.originals)} "
+                               "decoder blocks")
+        calls = list(self.calls)
+        del self.calls[:]
+        hidden = calls[0]["hidden"].detach()
+        return hidden, [{k: v for k, v in call.items() if k != "hidden"} for call in calls]
+
+
+def kwargs_of_block(kwargs_list: List[List[Dict]], i: int) -> List[Dict]:
+    """Block i's keyword arguments for each micro-batch of a capture."""
+    return [per_block[i] for per_block in kwargs_list]
 
 
 @torch.no_grad()
@@ -64,11 +100,12 @@ def capture_block_inputs(source: BlockSource, input_ids: torch.Tensor, attention
     """The first block's inputs: ``(hidden, kwargs_list)`` with ``hidden`` the hidden states of
     all sequences in one buffer of ``dtype`` (many batch-sized tensors would fragment the heap;
     callers work on its micro-batch views) and ``kwargs_list`` the keyword arguments (masks,
-    rotary embeddings) the model built for the block, per micro-batch of ``batch_size``. ``no_grad`` rather than ``inference_mode``: the planner
+    rotary embeddings) the model built for each block, per micro-batch of ``batch_size``
+    (``kwargs_list[batch][block]``; :func:`kwargs_of_block`). ``no_grad`` rather than ``inference_mode``: the planner
     backpropagates through blocks called with these kwargs."""
     adapter = source.adapter
     buffer, kwargs_list = None, []
-    with _FirstBlockInputs(source) as first:
+    with _BlockInputs(source) as first:
         for start in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[start:start + batch_size]
             mask = attention_mask[start:start + batch_size]
@@ -76,7 +113,7 @@ def capture_block_inputs(source: BlockSource, input_ids: torch.Tensor, attention
             if buffer is None:
                 buffer = hidden.new_empty((input_ids.shape[0],) + tuple(hidden.shape[1:]), dtype=dtype)
             buffer[start:start + batch_size].copy_(hidden)
-            kwargs_list.append(adapter.block_kwargs(kwargs))
+            kwargs_list.append([adapter.block_kwargs(kw) for kw in kwargs])
     return buffer, kwargs_list
 
 
@@ -115,11 +152,11 @@ def forward_logits(source: BlockSource, batches: Iterable[Tuple[torch.Tensor, to
     try:
         for group in _groups(batches, hidden_size, activation_budget):
             hiddens, kwargs_list = [], []
-            with _FirstBlockInputs(source) as first:
+            with _BlockInputs(source) as first:
                 for ids, mask, _ in group:
                     h, kw = first(input_ids=ids, attention_mask=mask, use_cache=False)
                     hiddens.append(h)
-                    kwargs_list.append(adapter.block_kwargs(kw))
+                    kwargs_list.append([adapter.block_kwargs(k) for k in kw])
             if bar is not None:
                 bar.total += source.n_blocks
                 bar.refresh()
@@ -127,7 +164,7 @@ def forward_logits(source: BlockSource, batches: Iterable[Tuple[torch.Tensor, to
                 block = source.load_block(i)
                 try:
                     for j, (h, kw) in enumerate(zip(hiddens, kwargs_list)):
-                        hiddens[j] = adapter.block_forward(block, h, kw)
+                        hiddens[j] = adapter.block_forward(block, h, kw[i])
                 finally:
                     source.release_block(i)
                 if bar is not None:
@@ -183,13 +220,13 @@ def sample_sequences(source: BlockSource, first_tokens: torch.Tensor, seq_len: i
             while ids.shape[1] < seq_len:
                 mask = torch.ones(ids.shape, dtype=torch.long)
                 positions = torch.arange(ids.shape[1] - step_ids.shape[1], ids.shape[1]).unsqueeze(0)
-                with _FirstBlockInputs(source) as first:
+                with _BlockInputs(source) as first:
                     hidden, kw = first(input_ids=step_ids, attention_mask=mask, use_cache=True,
                                        position_ids=positions, **{_cache_kwarg(source.model): cache})
                 for i in range(source.n_blocks):
                     block = source.load_block(i)
                     try:
-                        hidden = adapter.block_forward(block, hidden, kw)
+                        hidden = adapter.block_forward(block, hidden, kw[i])
                     finally:
                         source.release_block(i)
                 with source.head():

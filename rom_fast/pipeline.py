@@ -31,7 +31,7 @@ from torch import nn
 
 from rom_fast import kernels, plans
 from rom_fast.adapters import ModelAdapter
-from rom_fast.blockwise import capture_block_inputs
+from rom_fast.blockwise import capture_block_inputs, kwargs_of_block
 from rom_fast.distributed import Communicator
 from rom_fast.io.sources import BlockSource
 from rom_fast.lowrank import set_module
@@ -421,7 +421,7 @@ def _first_block_inputs(source: BlockSource, input_ids: torch.Tensor, attention_
                         options: CompressionOptions, start_hidden: Optional[Callable[[torch.Tensor], None]]):
     """The first block's calibration inputs in one buffer (anchored: ``[compressed, dense]``,
     saved and resumed as one tensor), or a resumed run's saved inputs of its next block;
-    and the keyword arguments (masks, rotary embeddings) of every micro-batch."""
+    and the keyword arguments (masks, rotary embeddings) of every block, per micro-batch."""
     buffer, kwargs_list = capture_block_inputs(source, input_ids, attention_mask,
                                                options.batch_size, options.activation_dtype)
     if options.anchor:
@@ -476,8 +476,8 @@ def compress_blocks(source: BlockSource, input_ids: torch.Tensor, attention_mask
             block = source.load_block(i)
         prefix = adapter.block_prefix(i)
         block_ranks = {n[len(prefix):]: r for n, r in ranks.items() if block_of[n] == i}
-        compressor.compress(block, prefix, hiddens, kwargs_list, token_masks, block_ranks, dense_hiddens,
-                            neurons.get(prefix + adapter.mlp.module))
+        compressor.compress(block, prefix, hiddens, kwargs_of_block(kwargs_list, i), token_masks, block_ranks,
+                            dense_hiddens, neurons.get(prefix + adapter.mlp.module))
         if block_done:
             with timer("write"):
                 block_done(i, block, buffer)

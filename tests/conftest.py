@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import pathlib
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
+
+# Test-only helper modules beside this file (families.py, reference_rom.py) import by name.
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 
 def saved_tensors(directory: pathlib.Path) -> dict:

@@ -34,7 +34,7 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def reference_compress(model, input_ids, attention_mask, ranks: dict[str, int]):
+def reference_compress(model, input_ids, attention_mask, ranks: dict[str, int], stages=STAGES):
     """Compress the linears named in ``ranks`` of a LLaMA-family causal LM, in float64.
 
     Args:
@@ -44,21 +44,24 @@ def reference_compress(model, input_ids, attention_mask, ranks: dict[str, int]):
             from the statistics).
         ranks: full module name (e.g. ``"model.layers.3.self_attn.q_proj"``) -> rank r,
             1 <= r <= d_out. Linears not named stay dense.
+        stages: the block's linears in error-aware order, grouped by shared input (LLaMA's
+            by default; a family with other names or fused projections gives its own).
 
     Returns:
         (compressed float64 deep copy of the model, {name: V_r float64 (r, d_out)}).
     """
     model = copy.deepcopy(model).to(torch.float64).eval()
     layers = model.model.layers
-    plan = _check_ranks(model, ranks)
+    plan = _check_ranks(model, ranks, stages)
     mask = attention_mask.bool()
 
-    hidden, layer_kwargs = _first_block_inputs(model, input_ids, attention_mask)
+    hidden, kwargs_of_layer = _block_inputs(model, input_ids, attention_mask)
     bases: dict[str, torch.Tensor] = {}
     last = max((i for i, _ in plan), default=-1)
     for i in range(last + 1):
         layer = layers[i]
-        for stage in STAGES:
+        layer_kwargs = kwargs_of_layer[i]
+        for stage in stages:
             todo = [p for p in stage if (i, p) in plan]
             if not todo:
                 continue
@@ -74,11 +77,11 @@ def reference_compress(model, input_ids, attention_mask, ranks: dict[str, int]):
     return model, bases
 
 
-def _check_ranks(model, ranks) -> dict[tuple[int, str], int]:
+def _check_ranks(model, ranks, stages) -> dict[tuple[int, str], int]:
     """{(block index, path inside block): r}; ValueError on unknown names or bad ranks."""
     plan = {}
     n_layers = len(model.model.layers)
-    allowed = {f"model.layers.{i}.{p}": (i, p) for i in range(n_layers) for s in STAGES for p in s}
+    allowed = {f"model.layers.{i}.{p}": (i, p) for i in range(n_layers) for s in stages for p in s}
     for name, r in ranks.items():
         if name not in allowed:
             raise ValueError(f"{name!r} is not a linear of a decoder block")
@@ -91,24 +94,31 @@ def _check_ranks(model, ranks) -> dict[tuple[int, str], int]:
     return plan
 
 
-def _first_block_inputs(model, input_ids, attention_mask):
-    """Hidden states entering block 0 and the keyword arguments LlamaModel.forward passes
-    to every decoder layer (causal mask, rotary position embeddings, position ids)."""
-    captured = {}
+def _block_inputs(model, input_ids, attention_mask):
+    """Hidden states entering block 0 and, per decoder layer, the keyword arguments the
+    model's forward passes it (causal or sliding-window mask, rotary position embeddings,
+    position ids), recorded during one plain forward of the dense model."""
+    captured = {"kwargs": {}}
+    handles = []
 
-    def hook(module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Stop
+    def make_hook(i):
+        def hook(module, args, kwargs):
+            if i == 0:
+                captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+            captured["kwargs"][i] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache",
+                                                                                 "past_key_values", "use_cache")}
+        return hook
 
-    handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    for i, layer in enumerate(model.model.layers):
+        handles.append(layer.register_forward_pre_hook(make_hook(i), with_kwargs=True))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _Stop:
-        pass
+        with torch.no_grad():
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
-        handle.remove()
-    return captured["hidden"], captured["kwargs"]
+        for h in handles:
+            h.remove()
+    hidden = captured["hidden"].clone()
+    return hidden, [captured["kwargs"][i] for i in range(len(model.model.layers))]
 
 
 def _capture_inputs(layer, paths, hidden, layer_kwargs) -> dict[str, torch.Tensor]:

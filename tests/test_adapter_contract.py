@@ -1,38 +1,30 @@
 """One contract, every adapter: what the loop and the planner rely on when they reach a block's
 layers through the adapter's named roles instead of module names.
 
-A new model family passes this file before anything else: add its tiny config to FAMILIES.
+A new model family passes this file before anything else: add its tiny config to
+tests/families.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from rom_fast.adapters import ADAPTERS, ModelAdapter, adapter_class, adapter_for
 from rom_fast.blockwise import capture_block_inputs
 from rom_fast.io.sources import ModelSource
 
-TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=112, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, num_hidden_layers=2)
-FAMILIES = {
-    "llama": transformers.LlamaConfig,
-    "mistral": transformers.MistralConfig,
-    "qwen2": transformers.Qwen2Config,
-}
+from families import CASES, TINY, tiny_model
 
 
 def test_every_registered_adapter_has_a_contract_case():
-    assert set(ADAPTERS) == set(FAMILIES)
+    assert set(ADAPTERS) == set(CASES)
 
 
-@pytest.fixture(params=sorted(FAMILIES))
+@pytest.fixture(params=sorted(CASES))
 def family(request):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(FAMILIES[request.param](**TINY)).eval()
+    model = tiny_model(request.param)
     return request.param, model, adapter_for(model)
 
 
@@ -63,20 +55,26 @@ def test_linear_shapes_from_config_match_the_modules(family):
 
 def test_sublayer_forms_compose_to_the_blocks_forward(family):
     """h + branch(sublayer(norm(h))) over the sublayers, in order, is the block's forward: the
-    form the loop advances hidden states with."""
+    form the loop advances hidden states with; and block by block, each block called with its
+    own captured keyword arguments, the model's own forward."""
     _, model, adapter = family
     ids = torch.randint(0, TINY["vocab_size"], (3, 9), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     hidden, kwargs = capture_block_inputs(ModelSource(model), ids, mask, batch_size=3)
-    block = adapter.blocks()[0]
+    assert len(kwargs[0]) == adapter.n_blocks
+    h = hidden.clone()
     with torch.no_grad():
-        expected = adapter.block_forward(block, hidden, kwargs[0])
-        h = hidden.clone()
-        for sub in adapter.sublayers:
-            normed = block.get_submodule(sub.norm)(h)
-            h = h + adapter.branch_output(block, sub, adapter.sublayer_forward(block, sub, normed, kwargs[0]))
-    torch.testing.assert_close(h, expected, rtol=0, atol=0)
+        for i, block in enumerate(adapter.blocks()):
+            expected = adapter.block_forward(block, h, kwargs[0][i])
+            for sub in adapter.sublayers:
+                normed = block.get_submodule(sub.norm)(h)
+                h = h + adapter.branch_output(block, sub, adapter.sublayer_forward(block, sub, normed, kwargs[0][i]))
+            torch.testing.assert_close(h, expected, rtol=0, atol=0)
+        reference = model(input_ids=ids, attention_mask=mask).logits
+        mine = adapter.logits(h)
+    real = mask.bool()
+    torch.testing.assert_close(mine[real], reference[real], rtol=1e-5, atol=1e-5)
 
 
 def test_unit_rows_of_separate_projections_are_the_kept_indices(family):

@@ -313,7 +313,7 @@ def test_svd_baseline_is_the_eckart_young_fit_of_w():
 def test_block_outputs_reuse_the_dense_down_outputs_exactly(centered):
     """The block's outputs are finished from y = down(act) (no second gate/up pass); they must
     equal a plain forward of the compressed block, biases and centring included."""
-    from rom_fast.blockwise import capture_block_inputs
+    from rom_fast.blockwise import capture_block_inputs, kwargs_of_block
     from rom_fast.pipeline import BlockCompressor, CompressionOptions, CompressionReport
     from rom_fast.util import StageTimer
     from rom_fast.io.sources import ModelSource
@@ -327,6 +327,7 @@ def test_block_outputs_reuse_the_dense_down_outputs_exactly(centered):
     adapter = adapter_for(model)
     ids, mask = calibration()
     hidden, kwargs_list = capture_block_inputs(ModelSource(model), ids, mask, batch_size=8)
+    kwargs_list = kwargs_of_block(kwargs_list, 0)
     hiddens = list(hidden.split(8))
     inputs = [h.clone() for h in hiddens]
     report = CompressionReport()

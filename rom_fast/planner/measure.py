@@ -28,7 +28,7 @@ from torch import nn
 
 from rom_fast import kernels
 from rom_fast.adapters import ModelAdapter
-from rom_fast.blockwise import capture_block_inputs
+from rom_fast.blockwise import capture_block_inputs, kwargs_of_block
 from rom_fast.distributed import Communicator
 from rom_fast.structures.lowrank import output_route
 from rom_fast.io.safetensors_index import write_safetensors
@@ -312,7 +312,7 @@ def _forward_block(source: BlockSource, i: int, hidden: torch.Tensor, kwargs_lis
                                                         comm, neuron_curves, gram_precision)
         try:
             with timer("forward"), torch.inference_mode():
-                for v, kw, m in zip(hidden.split(batch_size), kwargs_list, masks):
+                for v, kw, m in zip(hidden.split(batch_size), kwargs_of_block(kwargs_list, i), masks):
                     current[0] = m
                     v.copy_(adapter.block_forward(block, v.float(), kw))
         finally:
@@ -371,7 +371,8 @@ def _backward_block(source: BlockSource, i: int, inputs: torch.Tensor, grads: to
                     out.register_hook(on_grad)
             handles.append(block.get_submodule(rel).register_forward_hook(forward_hook))
         with timer("backward"), _frozen(block), torch.enable_grad():
-            for x, g, kw, m in zip(inputs.split(batch_size), grads.split(batch_size), kwargs_list, masks):
+            for x, g, kw, m in zip(inputs.split(batch_size), grads.split(batch_size),
+                                   kwargs_of_block(kwargs_list, i), masks):
                 current[0] = m
                 x = x.to(torch.float32, copy=True).requires_grad_(True)
                 y = adapter.block_forward(block, x, kw)

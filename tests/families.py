@@ -1,0 +1,63 @@
+"""Tiny random models of every supported family, built from transformers' own config classes
+(no downloads): the cases the adapter contract (tests/test_adapter_contract.py) and the family
+guarantees (tests/test_families.py) run on. A new family adds its entry to CASES.
+
+Each case also names its block's linears independently of the adapter (``stages``, for the
+float64 reference of the paper's loop) and which rows of each MLP input linear belong to
+neuron j (``neuron_rows``): the tests check the adapter against these, not against itself.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=112, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, num_hidden_layers=2)
+
+LLAMA_STAGES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+def separate_rows(linear: str, kept: List[int], intermediate: int) -> List[int]:
+    """Separate gate and up projections: neuron j is row j of each."""
+    return list(kept)
+
+
+@dataclass(frozen=True)
+class FamilyCase:
+    config: Callable[..., "transformers.PretrainedConfig"]    # keyword overrides of the tiny sizes
+    stages: Tuple[Tuple[str, ...], ...] = LLAMA_STAGES
+    mlp: str = "mlp"
+    neuron_rows: Callable[[str, List[int], int], List[int]] = separate_rows
+    overrides: Dict = field(default_factory=dict)              # the case's own tiny-config fields
+
+    def build_config(self, **over):
+        return self.config(**dict(TINY, **dict(self.overrides, **over)))
+
+    @property
+    def linears(self) -> Tuple[str, ...]:
+        return tuple(n for stage in self.stages for n in stage)
+
+
+CASES: Dict[str, FamilyCase] = {
+    "llama": FamilyCase(transformers.LlamaConfig),
+    "mistral": FamilyCase(transformers.MistralConfig),
+    "qwen2": FamilyCase(transformers.Qwen2Config),
+}
+
+
+def tiny_model(model_type: str, seed: int = 0, **over):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CASES[model_type].build_config(**over)).eval()
+    # Trained models have non-trivial biases and norm gains; random init leaves them 0 and 1.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "norm" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode()))) * 0.3)
+    return model
