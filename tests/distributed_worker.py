@@ -46,7 +46,8 @@ def main():
     crash_after = args.pop("crash_after", None)
     model = args.pop("model")
     # Token ids within the vocabulary of the model given (a directory: any tiny family's).
-    vocab = TINY["vocab_size"] if model == "tiny" else json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    vocab = TINY["vocab_size"] if model == "tiny" else \
+        json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     if model == "tiny":
         model = tiny_model()
     if crash_after is not None and rank == 1:
