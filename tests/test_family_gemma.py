@@ -1,7 +1,8 @@
 """Gemma-2 and text-only Gemma-3: what the generic family guarantees (tests/test_families.py)
 do not look at. Soft-capped logits; a mask per block that follows its attention type (windows
 shorter than the sequences); Gemma-3's two rotary bases; block-by-block forwards, in memory and
-streamed, equal to the model's own; all four norms of a block known to validation; the tied
+streamed, equal to the model's own; data-free sampling through the sliding caches; the anchored
+dense path through post-norm blocks; all four norms of a block known to validation; the tied
 checkpoint with its gelu-tanh MLP."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from safetensors import safe_open
 
 import rom_fast
 from rom_fast.adapters import adapter_for
-from rom_fast.blockwise import capture_block_inputs, forward_logits, kwargs_of_block
+from rom_fast.blockwise import capture_block_inputs, forward_logits, kwargs_of_block, sample_sequences
 from rom_fast.io.safetensors_index import CheckpointError, write_safetensors
 from rom_fast.io.sources import DirectorySource, ModelSource
 from rom_fast.lowrank import LowRankLinear
@@ -112,6 +113,22 @@ def test_block_by_block_logits_are_the_models_own_in_memory_and_streamed(family,
         for _ in range(2):      # twice: a streamed embedding (its scale buffer) loaded and released again
             got = torch.cat(list(forward_logits(source, [(ids[:2], mask[:2], None), (ids[2:], mask[2:], None)])))
             torch.testing.assert_close(got[real], expected[real], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", GEMMAS)
+def test_data_free_sampling_through_the_sliding_caches_sees_the_models_own_logits(family):
+    """Sampling block by block with a KV cache past the window (16 tokens, window 8): the
+    logits each token was drawn from are those of the model's forward on the whole sequence."""
+    model = tiny_model(family)
+    source = ModelSource(model)
+    drawn_from, head = [], source.adapter.logits
+    source.adapter.logits = lambda h: drawn_from.append(head(h)) or drawn_from[-1]
+    ids = sample_sequences(source, torch.tensor([[1], [2]]), 16, torch.arange(TINY["vocab_size"]),
+                           torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits
+    steps = torch.cat([step[:, -1:] for step in drawn_from], dim=1)
+    torch.testing.assert_close(steps, full[:, :15], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", GEMMAS)
