@@ -29,6 +29,24 @@ def separate_rows(linear: str, kept: List[int], intermediate: int) -> List[int]:
     return list(kept)
 
 
+def alternating_attention(config_class):
+    """``config_class`` with its blocks alternating sliding-window and full attention, sliding
+    first, for any number of blocks: every tiny model mixes both types."""
+    def build(**kw):
+        types = [("sliding_attention", "full_attention")[i % 2] for i in range(kw["num_hidden_layers"])]
+        return config_class(layer_types=types, **kw)
+    return build
+
+
+# Gemma's tiny sizes: a window shorter than the test sequences (so the sliding masks matter)
+# but longer than their padding (transformers' eager attention turns a float64 query row that
+# sees only padding into NaN: its softmax runs in float32, where float64's min is -inf; the
+# float64 reference runs that code), a head_dim that is not hidden/heads and a query scale of
+# its own; soft-capping thresholds near the tiny models' logits and attention scores, so the
+# caps bend them.
+GEMMA = dict(sliding_window=8, head_dim=16, query_pre_attn_scalar=8, final_logit_softcapping=0.3)
+
+
 @dataclass(frozen=True)
 class FamilyCase:
     config: Callable[..., "transformers.PretrainedConfig"]    # keyword overrides of the tiny sizes
@@ -49,6 +67,9 @@ CASES: Dict[str, FamilyCase] = {
     "llama": FamilyCase(transformers.LlamaConfig),
     "mistral": FamilyCase(transformers.MistralConfig),
     "qwen2": FamilyCase(transformers.Qwen2Config),
+    "gemma2": FamilyCase(alternating_attention(transformers.Gemma2Config),
+                         overrides=dict(GEMMA, attn_logit_softcapping=0.05)),
+    "gemma3_text": FamilyCase(alternating_attention(transformers.Gemma3TextConfig), overrides=GEMMA),
 }
 
 

@@ -43,6 +43,16 @@ def _materialize(module: nn.Module, prefix: str, tensors: Dict[str, torch.Tensor
     module.load_state_dict(state, strict=False, assign=True)
 
 
+def _unload(module: nn.Module) -> None:
+    """Back to the skeleton: parameters on the meta device. Buffers stay as the skeleton built
+    them: checkpoints do not hold the non-persistent ones (Gemma's embedding scale, rotary
+    frequencies), so one that went to the meta device would never be real again."""
+    buffers = [(m, name, b) for m in module.modules() for name, b in m._buffers.items() if b is not None]
+    module.to_empty(device="meta")
+    for m, name, b in buffers:
+        m._buffers[name] = b
+
+
 def block_state(block: nn.Module, prefix: str) -> Dict[str, torch.Tensor]:
     """Block tensors named as in a checkpoint (detached views, no copy)."""
     return {prefix + k: v.detach() for k, v in block.state_dict().items()}
@@ -242,7 +252,7 @@ class DirectorySource(BlockSource):
 
     def release_block(self, i: int) -> None:
         if i in self._loaded:
-            self.adapter.blocks()[i].to_empty(device="meta")
+            _unload(self.adapter.blocks()[i])
             self._loaded.discard(i)
             release_freed_memory()
 
@@ -273,7 +283,7 @@ class DirectorySource(BlockSource):
         try:
             yield module
         finally:
-            module.to_empty(device="meta")
+            _unload(module)
             release_freed_memory()
 
     @contextlib.contextmanager
@@ -285,7 +295,7 @@ class DirectorySource(BlockSource):
             yield
         finally:
             for m in (norm, head):
-                m.to_empty(device="meta")
+                _unload(m)
             release_freed_memory()
 
     def fingerprint(self) -> str:
