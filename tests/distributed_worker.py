@@ -30,9 +30,9 @@ def tiny_model(blocks=4):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def calibration(n=40, seq=24):
+def calibration(n=40, seq=24, vocab=TINY["vocab_size"]):
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, TINY["vocab_size"], (n, seq), generator=g)
+    ids = torch.randint(0, vocab, (n, seq), generator=g)
     mask = torch.ones_like(ids)
     mask[2, 15:] = 0
     mask[29, 3:] = 0
@@ -47,6 +47,9 @@ def main():
     model = args.pop("model")
     if model == "tiny":
         model = tiny_model()
+    # A directory (a family case of tests/families.py) brings its own vocabulary.
+    vocab = TINY["vocab_size"] if not isinstance(model, str) else \
+        json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     if crash_after is not None and rank == 1:
         commit = output_module.OutputShard.commit_block
 
@@ -55,9 +58,9 @@ def main():
             if i == crash_after:
                 raise RuntimeError("simulated failure of process 1")
         output_module.OutputShard.commit_block = commit_then_die
-    calib = calibration()
+    calib = calibration(vocab=vocab)
     result = rom_fast.compress(model, calibration=calib, n_samples=40, seq_len=24, progress=False, **args)
-    test_ids = torch.randint(0, TINY["vocab_size"], (3, 20), generator=torch.Generator().manual_seed(5))
+    test_ids = torch.randint(0, vocab, (3, 20), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         logits = result.model(test_ids).logits
     state = {k: v.clone() for k, v in result.model.state_dict().items() if "rotary" not in k and k != "lm_head.weight"}
