@@ -45,9 +45,17 @@ class Sublayer:
     inputs: Tuple[str, ...]
     output: str
     post_norm: Optional[str] = None
+    # A routed sublayer (mixture of experts): ``router`` (left dense) sends each token to some
+    # of ``units``, each a sublayer of its own (an expert: its input linears and output linear)
+    # seeing only the tokens routed to it; the sublayer's output mixes theirs. A routed
+    # sublayer has no ``inputs``/``output`` of its own.
+    router: Optional[str] = None
+    units: Tuple["Sublayer", ...] = ()
 
     @property
     def linears(self) -> Tuple[str, ...]:
+        if self.units:
+            return tuple(n for unit in self.units for n in unit.linears)
         return self.inputs + (self.output,)
 
     @property
@@ -55,7 +63,9 @@ class Sublayer:
         """``output`` relative to the sublayer module."""
         return self.output[len(self.module) + 1:]
 
-    def stages(self) -> Tuple[Stage, Stage]:
+    def stages(self) -> Tuple[Stage, ...]:
+        if self.units:
+            return tuple(stage for unit in self.units for stage in unit.stages())
         return Stage(f"{self.role}_input", self.inputs), Stage(f"{self.role}_output", (self.output,))
 
     def unit_rows(self, linear: str, kept: torch.Tensor) -> torch.Tensor:
@@ -88,11 +98,29 @@ class ModelAdapter:
     _cache_kwargs = ("cache", "past_key_values", "past_key_value", "use_cache")
 
     def __init__(self, model: nn.Module):
+        self.prepare_model(model)
         self.model = model
+
+    @classmethod
+    def prepare_model(cls, model: nn.Module) -> None:
+        """Brings a freshly built model of the family into the module layout the roles name,
+        in place and with the same forward (an MoE family unfuses its stacked expert weights
+        into one module per expert). Called on every model the adapter is given and by the
+        compressed checkpoint class before its structure is applied; idempotent."""
 
     @property
     def sublayers(self) -> Tuple[Sublayer, ...]:
         return (self.attention, self.mlp)
+
+    @property
+    def mlp_units(self) -> Tuple[Sublayer, ...]:
+        """The MLPs of a block that can keep whole neurons: the MLP, or each expert of a routed one."""
+        return self.mlp.units or (self.mlp,)
+
+    @classmethod
+    def mlp_units_of(cls, config: Dict) -> Tuple[Sublayer, ...]:
+        """:attr:`mlp_units` from a config.json dict (sizes already checked), before any module is built."""
+        return cls.mlp.units or (cls.mlp,)
 
     @property
     def stages(self) -> Tuple[Stage, ...]:
@@ -134,6 +162,16 @@ class ModelAdapter:
         return {q_proj: (q, hidden), k_proj: (k, hidden), v_proj: (k, hidden), cls.attention.output: (hidden, q),
                 gate: (inter, hidden), up: (inter, hidden), cls.mlp.output: (hidden, inter)}
 
+    @classmethod
+    def check_config_sizes(cls, config: Dict) -> None:
+        """Refuses (ValueError) sizes of a config.json dict that this family adds to the common
+        ones, before :meth:`linear_shapes` relies on them."""
+
+    def stored_name(self, name: str) -> str:
+        """The name a checkpoint of the model's own type stores tensor ``name`` under (a family
+        whose transformers class renames tensors on load maps them back)."""
+        return name
+
     def tied(self) -> bool:
         """True when the head reuses the input embedding (stored once in checkpoints)."""
         return bool(getattr(self.model.config, "tie_word_embeddings", False))
@@ -166,6 +204,12 @@ class ModelAdapter:
             return module(hidden_states=normed, position_embeddings=kwargs.get("position_embeddings"),
                           attention_mask=kwargs.get("attention_mask"))[0]
         return module(normed)
+
+    def routed_units(self, block: nn.Module, sub: Sublayer, normed_rows: torch.Tensor) -> torch.Tensor:
+        """The indices (tokens x k) into ``sub.units`` of the units each token (a row of the
+        normed input) is routed to, by the sublayer's own router (transformers' top-k routers
+        return ``(logits, weights, indices)``)."""
+        return block.get_submodule(sub.router)(normed_rows)[-1]
 
     def branch_output(self, block: nn.Module, sub: Sublayer, out: torch.Tensor) -> torch.Tensor:
         """What the residual stream adds for a sublayer's output (the block's forward form)."""

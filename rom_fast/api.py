@@ -26,7 +26,8 @@ from rom_fast.calibration import CalibrationBatch, calibration_tokens, default_c
 from rom_fast.io.checkpoint import factorized_layers, write_metadata
 from rom_fast.lowrank import apply_structure, merge_lowrank
 from rom_fast.io.output import OutputShard, ResumableOutput, check_replaceable
-from rom_fast.pipeline import DEFAULT_ANCHOR, CompressionOptions, CompressionReport, LayerRecord, compress_blocks
+from rom_fast.pipeline import (DEFAULT_ANCHOR, NO_TOKENS_ROUTE, CompressionOptions, CompressionReport, LayerRecord,
+                              compress_blocks)
 from rom_fast.io.sources import BlockSource, load, open_source
 from rom_fast.util import check_int as _check_int, peak_rss_bytes, release_freed_memory
 
@@ -297,6 +298,9 @@ class CompressionRun:
     def open_source(self) -> None:
         self.source = open_source(self.model, self.tokenizer)
         self.tok = self.source.tokenizer
+        if self.merge and any(sub.units for sub in self.source.adapter.sublayers):
+            raise ValueError("merge=True writes a plain checkpoint of the base architecture, which does not read "
+                             f"{type(self.source.adapter).__name__}'s per-expert layers: compress without merge")
 
     def read_calibration(self) -> None:
         calibration = self.calibration
@@ -476,6 +480,9 @@ class CompressionRun:
         }
         if self.perplexity:
             self.summary["perplexity"] = self.perplexity
+        left_dense = [r.name for r in self.report.layers if r.route == NO_TOKENS_ROUTE]
+        if left_dense:      # routed units no calibration token reached: the plan's setting not applied
+            self.summary["left_dense_no_tokens"] = left_dense
         if output is None:
             self.result_model = source.finished_model()
             self.finish_summary(plans.total_params(self.result_model))

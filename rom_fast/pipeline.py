@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Union
@@ -340,6 +341,92 @@ class SublayerStep:
             h.add_(self._branch(self.adapter.sublayer_forward(self.block, self.sub, self._normed(h), kw)))
 
 
+# How a unit the router sent no calibration token is recorded: it stays as it was.
+NO_TOKENS_ROUTE = "dense:no-routed-tokens"
+
+
+class RoutedUnitStep(SublayerStep):
+    """One unit of a routed sublayer (an expert) through its structure, on the tokens the router
+    sends it (its ``token_masks``: real tokens routed to it): the input stage as any
+    sublayer's, then its output stage's statistics on the unit's core outputs of those rows
+    only. The residual stream is advanced by the routed sublayer once all its units are done,
+    so a structure's finisher is not used. A unit no calibration token reaches (on any
+    process) has no statistics to fit: it stays dense, recorded as ``NO_TOKENS_ROUTE``."""
+
+    def run(self) -> None:
+        tokens = sum(int(m.sum()) for m in self.token_masks)
+        if self.comm.all_reduce_scalar(float(tokens), "routed tokens") == 0:
+            self._left_dense()
+            return
+        if self.structure.input_ranks(self.sub, self.setting):
+            self._input_stage()
+        output = self.block.get_submodule(self.sub.output)
+        tap = self.structure.output_tap(self.sub, self.setting, output)
+        if tap is not None:
+            self._unit_output_stage(tap, output)
+
+    def _unit_output_stage(self, tap: str, output: nn.Module) -> None:
+        sub = self.sub
+        width = output.out_features if tap == OUTPUT else output.in_features
+        acc = self.stats.gram(width, f"{'outputs' if tap == OUTPUT else 'inputs'} of {self.prefix}{sub.output}")
+        with _as_identity(self.block.get_submodule(sub.module), sub.output_in_module):
+            for h, m in zip(self.hiddens, self.token_masks):
+                with self.timer("forward"):
+                    act = self.adapter.sublayer_forward(self.block, sub, _rows(self._normed(h), m), {})
+                    if tap == OUTPUT:
+                        act = output(act)
+                with self.timer("statistics"):
+                    acc.update(act)
+        act = None
+        stats = [acc, None]
+        del acc
+        with self.timer("factorize"):
+            self.structure.compress_output(self, tap, stats, self.setting)
+
+    def _left_dense(self) -> None:
+        warnings.warn(f"{self.prefix}{self.sub.module}: the router sent it no calibration token; it stays dense")
+        # The linears the plan would have changed: all of a unit keeping neurons, else those given a rank.
+        changed = self.sub.linears if self.structure is NEURONS else [n for n in self.sub.linears if n in self.setting]
+        for name in changed:
+            self.record(name, self.block.get_submodule(name), 0, 1.0, NO_TOKENS_ROUTE)
+
+
+class RoutedSublayerStep(SublayerStep):
+    """A routed sublayer (mixture of experts, :attr:`Sublayer.units`): the router, left dense,
+    chooses each real token's units from the compressed path's normed input (once: the input
+    does not move while the sublayer's units are compressed); each unit the plan names runs
+    through its structure on its own tokens (:class:`RoutedUnitStep`); then the residual
+    stream advances through the whole sublayer, compressed units included."""
+
+    def __init__(self, compressor: "BlockCompressor", block: nn.Module, prefix: str, sub, batches,
+                 ranks: Dict[str, int], neurons: Dict[str, int]):
+        super().__init__(compressor, block, prefix, sub, None, None, batches, None)
+        self.ranks, self.neurons = ranks, neurons
+
+    def run(self) -> None:
+        with self.timer("forward"):
+            chosen = [self.adapter.routed_units(self.block, self.sub, _rows(self._normed(h), m))
+                      for h, m in zip(self.hiddens, self.token_masks)]
+        for e, unit in enumerate(self.sub.units):
+            structure, setting = self.compressor.structure_of(unit, self.ranks, self.neurons)
+            if not (structure.input_ranks(unit, setting)
+                    or structure.output_tap(unit, setting, self.block.get_submodule(unit.output))):
+                continue
+            self.compressor._release_scratch_for(structure.peak_bytes(unit, setting, self.block))
+            masks = [_routed_mask(m, (c == e).any(-1)) for m, c in zip(self.token_masks, chosen)]
+            RoutedUnitStep(self.compressor, self.block, self.prefix, unit, structure, setting,
+                           (self.hiddens, self.kwargs_list, masks), None).run()
+        with self.timer("forward"):
+            self._advance()
+
+
+def _routed_mask(token_mask: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    """The (batch x seq) mask of the real tokens routed to a unit (``routed``: per real token)."""
+    mask = torch.zeros_like(token_mask)
+    mask[token_mask] = routed
+    return mask
+
+
 class BlockCompressor:
     """Compresses one decoder block in place, given its calibration inputs: each sublayer in
     the block's order through its structure (:class:`SublayerStep`)."""
@@ -370,31 +457,37 @@ class BlockCompressor:
         if peak_bytes > sum(t.numel() * t.element_size() for t in self._scratch.values()):
             self._scratch.clear()
 
-    def structure_of(self, sub, ranks: Dict[str, int], neurons: Optional[int]):
-        """The structure a plan gives a sublayer, and its setting."""
-        if sub is self.adapter.mlp and neurons is not None:
-            return NEURONS, neurons
+    def structure_of(self, sub, ranks: Dict[str, int], neurons: Dict[str, int]):
+        """The structure a plan gives a sublayer (or a routed unit), and its setting."""
+        if sub.module in neurons:
+            return NEURONS, neurons[sub.module]
         return LOWRANK, ranks
 
     @torch.inference_mode()
     def compress(self, block: nn.Module, prefix: str, hiddens: List[torch.Tensor], kwargs_list,
                  token_masks: List[torch.Tensor], ranks: Dict[str, int],
                  dense_hiddens: Optional[List[torch.Tensor]] = None,
-                 neurons: Optional[int] = None) -> List[torch.Tensor]:
+                 neurons: Optional[Dict[str, int]] = None) -> List[torch.Tensor]:
         """Compresses the linears of ``block`` named in ``ranks`` (relative names) and returns
-        the block's outputs, computed with the compressed block. ``neurons``: the MLP keeps
-        that many whole neurons (its linears must not be in ``ranks``). With ``dense_hiddens``
-        (the dense model's inputs of this block at the same tokens; dense-anchored targets),
-        those are advanced in place to the dense block's outputs."""
+        the block's outputs, computed with the compressed block. ``neurons``: ``{MLP module
+        (relative: the MLP, or an expert of a routed one): kept neurons}`` (its linears must
+        not be in ``ranks``). With ``dense_hiddens`` (the dense model's inputs of this block at
+        the same tokens; dense-anchored targets), those are advanced in place to the dense
+        block's outputs."""
         dense = DensePath(self.adapter, block, dense_hiddens) if dense_hiddens is not None else None
-        if neurons is not None:
-            NEURONS.check(self.adapter.mlp, block, prefix)
+        neurons = dict(neurons or {})
+        for unit in self.adapter.mlp_units:
+            if unit.module in neurons:
+                NEURONS.check(unit, block, prefix)
+        batches = (hiddens, kwargs_list, token_masks)
         for sub in self.adapter.sublayers:
+            if sub.units:
+                RoutedSublayerStep(self, block, prefix, sub, batches, ranks, neurons).run()
+                continue
             structure, setting = self.structure_of(sub, ranks, neurons)
             # (Sizes only: holding modules here would keep replaced weights alive.)
             self._release_scratch_for(structure.peak_bytes(sub, setting, block))
-            SublayerStep(self, block, prefix, sub, structure, setting, (hiddens, kwargs_list, token_masks),
-                         dense).run()
+            SublayerStep(self, block, prefix, sub, structure, setting, batches, dense).run()
         return hiddens
 
 
@@ -462,6 +555,9 @@ def compress_blocks(source: BlockSource, input_ids: torch.Tensor, attention_mask
     adapter = source.adapter
     neurons = dict(neurons or {})
     block_of = _check_plan(source, ranks, neurons, start_block)
+    if options.anchor and any(sub.units for sub in adapter.sublayers):
+        raise ValueError(f"dense-anchored targets (anchor > 0) are not supported for {type(adapter).__name__}'s "
+                         "routed (mixture-of-experts) sublayers yet; use anchor=0")
     last_needed = max(block_of.values(), default=-1)
     if start_block > last_needed:
         return report
@@ -476,8 +572,9 @@ def compress_blocks(source: BlockSource, input_ids: torch.Tensor, attention_mask
             block = source.load_block(i)
         prefix = adapter.block_prefix(i)
         block_ranks = {n[len(prefix):]: r for n, r in ranks.items() if block_of[n] == i}
+        block_neurons = {n[len(prefix):]: k for n, k in neurons.items() if block_of[n] == i}
         compressor.compress(block, prefix, hiddens, kwargs_of_block(kwargs_list, i), token_masks, block_ranks,
-                            dense_hiddens, neurons.get(prefix + adapter.mlp.module))
+                            dense_hiddens, block_neurons)
         if block_done:
             with timer("write"):
                 block_done(i, block, buffer)

@@ -55,21 +55,22 @@ class ModelShape:
     block_of: Dict[str, int]               # {module name: block index}, MLP module names too
     n_blocks: int
     total_params: int
-    # {MLP module name: (its input linears (gate, up), its down_proj)}, full names
+    # {MLP module name (an expert's, in a routed MLP): (its input linears (gate, up), its
+    # down_proj)}, full names
     mlps: Dict[str, Tuple[Tuple[str, ...], str]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, adapter: ModelAdapter, total: Optional[int] = None) -> "ModelShape":
         shapes, block_of, mlps = {}, {}, {}
-        mlp = adapter.mlp
         for i, block in enumerate(adapter.blocks()):
             prefix = adapter.block_prefix(i)
             for rel in adapter.linear_names():
                 lin = block.get_submodule(rel)
                 shapes[prefix + rel] = (lin.out_features, lin.in_features)
                 block_of[prefix + rel] = i
-            mlps[prefix + mlp.module] = (tuple(prefix + n for n in mlp.inputs), prefix + mlp.output)
-            block_of[prefix + mlp.module] = i
+            for mlp in adapter.mlp_units:      # the MLP, or every expert of a routed one
+                mlps[prefix + mlp.module] = (tuple(prefix + n for n in mlp.inputs), prefix + mlp.output)
+                block_of[prefix + mlp.module] = i
         return cls(shapes, block_of, adapter.n_blocks,
                    total_params(adapter.model) if total is None else int(total), mlps)
 

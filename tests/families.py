@@ -47,6 +47,20 @@ def alternating_attention(config_class):
 GEMMA = dict(sliding_window=8, head_dim=16, query_pre_attn_scalar=8, final_logit_softcapping=0.3)
 
 
+def expert_stages(n_experts: int) -> Tuple[Tuple[str, ...], ...]:
+    """A routed MLP's stages: each expert's gate/up, then its down projection."""
+    return tuple(stage for e in range(n_experts)
+                 for stage in ((f"mlp.experts.{e}.gate_proj", f"mlp.experts.{e}.up_proj"), (f"mlp.experts.{e}.down_proj",)))
+
+
+def mixtral_stored(name: str) -> str:
+    """Where transformers' save_pretrained puts a Mixtral tensor (its original per-expert layout)."""
+    if ".experts." in name:
+        for ours, theirs in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+            name = name.replace(f".{ours}.", f".{theirs}.")
+    return name.replace(".mlp.", ".block_sparse_moe.", 1)
+
+
 @dataclass(frozen=True)
 class FamilyCase:
     config: Callable[..., "transformers.PretrainedConfig"]    # keyword overrides of the tiny sizes
@@ -54,6 +68,8 @@ class FamilyCase:
     mlp: str = "mlp"
     neuron_rows: Callable[[str, List[int], int], List[int]] = separate_rows
     overrides: Dict = field(default_factory=dict)              # the case's own tiny-config fields
+    stored: Callable[[str], str] = str                        # a tensor's name in a dense save_pretrained
+    routed: bool = False            # a mixture of experts: its own versions of the reference tests
 
     def build_config(self, **over):
         return self.config(**dict(TINY, **dict(self.overrides, **over)))
@@ -70,6 +86,11 @@ CASES: Dict[str, FamilyCase] = {
     "gemma2": FamilyCase(alternating_attention(transformers.Gemma2Config),
                          overrides=dict(GEMMA, attn_logit_softcapping=0.05)),
     "gemma3_text": FamilyCase(alternating_attention(transformers.Gemma3TextConfig), overrides=GEMMA),
+
+
+    "mixtral": FamilyCase(transformers.MixtralConfig, stages=LLAMA_STAGES[:2] + expert_stages(4), mlp="mlp.experts.1",
+                          overrides=dict(num_local_experts=4, num_experts_per_tok=2), stored=mixtral_stored,
+                          routed=True),
 }
 
 

@@ -35,7 +35,8 @@ def test_roles_name_the_blocks_linears_and_norms(family):
     assert isinstance(adapter, ModelAdapter) and name in type(adapter).model_types
     assert [s.role for s in adapter.sublayers] == ["attention", "mlp"]
     block = adapter.blocks()[0]
-    for sub in adapter.sublayers:
+    leaves = [u for s in adapter.sublayers for u in (s.units or (s,))]     # a routed sublayer: its units
+    for sub in leaves:
         assert all(type(block.get_submodule(n)) is nn.Linear for n in sub.linears)
         norms = [sub.norm] + ([sub.post_norm] if sub.post_norm is not None else [])
         assert all(isinstance(block.get_submodule(n), nn.Module) for n in norms)
@@ -43,9 +44,12 @@ def test_roles_name_the_blocks_linears_and_norms(family):
         assert block.get_submodule(sub.module).get_submodule(sub.output_in_module) is block.get_submodule(sub.output)
         inputs = {block.get_submodule(n).in_features for n in sub.inputs}
         assert len(inputs) == 1, f"{sub.role}: input linears must read one input (one stage)"
-    assert adapter.linear_names() == [n for s in adapter.sublayers for n in s.linears]
-    assert [st.linears for st in adapter.stages] == [lin for s in adapter.sublayers
-                                                     for lin in (s.inputs, (s.output,))]
+    for sub in adapter.sublayers:
+        if sub.units:      # the router is a module of the sublayer and no unit's linear
+            assert sub.router.startswith(sub.module + ".") and sub.router not in sub.linears
+            assert not sub.inputs and all(u.norm == sub.norm for u in sub.units)
+    assert adapter.linear_names() == [n for s in leaves for n in s.linears]
+    assert [st.linears for st in adapter.stages] == [lin for s in leaves for lin in (s.inputs, (s.output,))]
 
 
 def test_linear_shapes_from_config_match_the_modules(family):
@@ -83,8 +87,9 @@ def test_sublayer_forms_compose_to_the_blocks_forward(family):
 def test_unit_rows_of_separate_projections_are_the_kept_indices(family):
     _, _, adapter = family
     kept = torch.tensor([0, 3, 7])
-    for name in adapter.mlp.inputs:
-        assert torch.equal(adapter.mlp.unit_rows(name, kept), kept)
+    for mlp in adapter.mlp_units:
+        for name in mlp.inputs:
+            assert torch.equal(mlp.unit_rows(name, kept), kept)
 
 
 def test_unknown_architecture_is_refused_with_the_supported_list():

@@ -27,6 +27,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_distributed import launch, saved, assert_close, lowrank_products  # noqa: E402
 
 FAMILIES = sorted(CASES)
+# A mixture of experts gets its own versions of the tests built on the dense MLP's float64
+# reference and on the planner (tests/test_family_mixtral.py): the reference hooks read a
+# (batch x seq) activation where an expert sees routed rows, and the planner does not take
+# routed sublayers yet.
+ROUTED_SKIP = "routed MLP: its own version in tests/test_family_mixtral.py"
+
+
+def dense_mlp(family):
+    if CASES[family].routed:
+        pytest.skip(ROUTED_SKIP)
 
 
 def calibration(n=16, seq=20, seed=1):
@@ -51,6 +61,7 @@ def save_dir(model, path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_the_float64_reference_of_the_papers_loop(family):
+    dense_mlp(family)
     case, model = CASES[family], tiny_model(family)
     calib, ranks = calibration(), every_linear(CASES[family])
     ref, _ = reference_compress(copy.deepcopy(model), calib["input_ids"], calib["attention_mask"], ranks,
@@ -68,6 +79,7 @@ def test_kept_neurons_are_the_float64_ridge_optimum(family):
     """Block 1's MLP keeps 70 neurons (block 0 dense): each input linear keeps exactly the rows
     of those neurons, and down_proj is the ridge least-squares optimum for them on the dense
     model's float64 hidden activations."""
+    dense_mlp(family)
     case, model = CASES[family], tiny_model(family)
     dense = copy.deepcopy(model).double()
     calib, keep, mlp = calibration(n=24), 70, f"model.layers.1.{case.mlp}"
@@ -105,6 +117,7 @@ def test_kept_neurons_are_the_float64_ridge_optimum(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_streamed_gives_the_in_memory_model_and_resumes_bitwise(family, tmp_path, resume_check):
+    dense_mlp(family)
     model = tiny_model(family, num_hidden_layers=3)
     src = save_dir(model, tmp_path / "dense")
     kw = dict(calibration=calibration(), budget=0.7, planner_samples=8, progress=False)
@@ -149,7 +162,7 @@ def test_a_directory_missing_a_block_tensor_is_refused_before_block_0(family, tm
     case = CASES[family]
     src = save_dir(tiny_model(family, num_hidden_layers=3), tmp_path / "dense")
     index = json.loads((src / "model.safetensors.index.json").read_text())
-    victim = f"model.layers.2.{case.stages[-1][0]}.weight"
+    victim = case.stored(f"model.layers.2.{case.stages[-1][0]}.weight")
     del index["weight_map"][victim]
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
     calls = []

@@ -55,14 +55,19 @@ def check_config(cfg: dict, where: str) -> None:
     if cfg.get("head_dim") is None and cfg["hidden_size"] % heads:
         raise CheckpointError(f"{where}: hidden_size = {cfg['hidden_size']} is not a multiple of "
                               f"num_attention_heads = {heads}")
+    adapter = adapter_class(cfg.get("model_type"), where)
+    try:
+        adapter.check_config_sizes(cfg)
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
     section = cfg.get("rom_fast")
     if section is None:
         return
     layers = section.get("layers") if isinstance(section, dict) else None
     if not isinstance(layers, dict):
         raise CheckpointError(f"{where}: the rom_fast section has no 'layers' object")
-    adapter = adapter_class(cfg.get("model_type"), where)
     shapes = adapter.linear_shapes(cfg)
+    units = adapter.mlp_units_of(cfg)
     head = adapter.layers_path + "."
     # {structure: {block prefix: {linear: spec}}}, in layer order; each structure checks its own
     grouped: Dict[object, Dict[str, Dict[str, dict]]] = {s: {} for s in STRUCTURES.values()}
@@ -81,7 +86,7 @@ def check_config(cfg: dict, where: str) -> None:
     for structure, blocks in grouped.items():
         for prefix, specs in blocks.items():
             try:
-                structure.check_specs(adapter, shapes, prefix, specs)
+                structure.check_specs(units, shapes, prefix, specs)
             except ValueError as exc:
                 raise CheckpointError(f"{where}: {exc}") from None
 
@@ -102,6 +107,7 @@ def _register(base_type: str) -> str:
         # Before the first module: a downloaded config.json is untrusted (via transformers too).
         check_config(config.to_dict(), f"config of {name}")
         base_model.__init__(self, config)
+        adapter_class(base_type).prepare_model(self)     # the layout the saved layer names use
         apply_structure(self, config.rom_fast["layers"])
         self.post_init()
 

@@ -210,9 +210,15 @@ class DirectorySource(BlockSource):
                 if not (a.tied() and n.startswith(a.head_path + "."))}
 
     def _check_tensors(self) -> int:
+        """Every tensor the skeleton implies is stored (under the family's stored name), with
+        its shape and a floating dtype; returns the parameter count."""
         stored = self.index.tensors
         count = 0
-        for name, shape in self._expected().items():
+        self._model_names: Dict[str, str] = {}      # {stored name: the model's name}, where they differ
+        for model_name, shape in self._expected().items():
+            name = self.adapter.stored_name(model_name)
+            if name != model_name:
+                self._model_names[name] = model_name
             info = stored.get(name)
             if info is None:
                 raise CheckpointError(f"{self.directory}: the checkpoint lacks tensor {name!r} "
@@ -242,7 +248,7 @@ class DirectorySource(BlockSource):
         if i in self._loaded:
             return block
         prefix = self.adapter.block_prefix(i)
-        raw = self.index.load(self.index.keys_with_prefix(prefix))
+        raw = self._load(self.index.keys_with_prefix(prefix))
         self._block_dtypes[i] = max(raw.values(), key=lambda t: t.numel()).dtype
         # Widen one tensor at a time, dropping each stored copy as it goes.
         state = {k: raw.pop(k).to(COMPUTE_DTYPE) for k in list(raw)}
@@ -260,7 +266,11 @@ class DirectorySource(BlockSource):
         return self._block_dtypes.get(i, self.storage_dtype)
 
     def original_block_tensors(self, i: int) -> Dict[str, torch.Tensor]:
-        return self.index.load(self.index.keys_with_prefix(self.adapter.block_prefix(i)))
+        return self._load(self.index.keys_with_prefix(self.adapter.block_prefix(i)))
+
+    def _load(self, keys: List[str], dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+        """The stored tensors ``keys``, by the model's names."""
+        return {self._model_names.get(k, k): t for k, t in self.index.load(keys, dtype).items()}
 
     def _outer_keys(self) -> List[str]:
         a = self.adapter
@@ -268,12 +278,12 @@ class DirectorySource(BlockSource):
                 and not (a.tied() and k.startswith(a.head_path + "."))]
 
     def outer_tensors(self) -> Dict[str, torch.Tensor]:
-        return self.index.load(self._outer_keys())
+        return self._load(self._outer_keys())
 
     def _load_module(self, path: str, source_path: Optional[str] = None) -> nn.Module:
         module = self.model.get_submodule(path)
         prefix = (source_path or path) + "."
-        tensors = self.index.load(self.index.keys_with_prefix(prefix), COMPUTE_DTYPE)
+        tensors = self._load(self.index.keys_with_prefix(self.adapter.stored_name(prefix)), COMPUTE_DTYPE)
         _materialize(module, prefix, tensors)
         return module
 

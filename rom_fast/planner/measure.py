@@ -204,6 +204,11 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
     (and of the first ``grad_samples``); Grams, squared gradients and token counts are summed
     over the processes, so every process returns the spectra one process would.
     """
+    if any(sub.units for sub in source.adapter.sublayers):
+        # Its hooks read every linear's activations on the real tokens of a (batch x seq)
+        # micro-batch; an expert's linears see routed rows instead.
+        raise ValueError(f"the rank planner does not handle {type(source.adapter).__name__}'s routed "
+                         "(mixture-of-experts) sublayers yet: give explicit ranks= (or recipe= / last_k=)")
     timer = StageTimer(seconds if seconds is not None else {}, prefix="planner_")
     comm = comm or Communicator()
     kernels.resolve_gram_precision(gram_precision, 1)      # an unknown option is refused before any work

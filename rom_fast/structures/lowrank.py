@@ -150,7 +150,7 @@ class LowRank:
 
     # -- checkpoint spec ------------------------------------------------------------------------
     @staticmethod
-    def check_specs(adapter, shapes: dict, prefix: str, specs: dict) -> None:
+    def check_specs(mlp_units, shapes: dict, prefix: str, specs: dict) -> None:
         """Untrusted config.json specs of one block's factorized linears: a rank the layer can
         have and boolean bias flags (ValueError otherwise)."""
         for rel, spec in specs.items():

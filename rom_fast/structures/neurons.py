@@ -87,14 +87,23 @@ class KeptNeurons:
 
     # -- checkpoint spec ------------------------------------------------------------------------
     @staticmethod
-    def check_specs(adapter, shapes: dict, prefix: str, specs: dict) -> None:
-        """Untrusted config.json specs of one block's pruned linears: the MLP is pruned whole
-        (its input linears keep the same k output rows and its output linear reads those k,
-        1 <= k <= intermediate size; the other sides keep their sizes). ValueError otherwise."""
-        inputs, down = adapter.mlp.inputs, adapter.mlp.output
-        if set(specs) != set(inputs) | {down}:
-            raise ValueError(f"{prefix}: pruned layers {sorted(specs)} do not form a whole MLP "
-                             f"({', '.join(inputs)} and {down})")
+    def check_specs(mlp_units, shapes: dict, prefix: str, specs: dict) -> None:
+        """Untrusted config.json specs of one block's pruned linears: each MLP (each expert of a
+        routed one) is pruned whole or not at all (its input linears keep the same k output
+        rows and its output linear reads those k, 1 <= k <= intermediate size; the other sides
+        keep their sizes). ValueError otherwise."""
+        units = [u for u in mlp_units if set(u.linears) & set(specs)]
+        whole = {n for u in units for n in u.linears}
+        if set(specs) != whole:
+            stray = sorted(set(specs) ^ whole)
+            raise ValueError(f"{prefix}: pruned layers {stray[:4]} do not form whole MLPs (each prunes "
+                             f"{', '.join(mlp_units[0].inputs)} and {mlp_units[0].output} together)")
+        for unit in units:
+            KeptNeurons._check_unit(unit, shapes, prefix, {n: specs[n] for n in unit.linears})
+
+    @staticmethod
+    def _check_unit(unit, shapes: dict, prefix: str, specs: dict) -> None:
+        down = unit.output
         for rel, spec in specs.items():
             for key in ("out_features", "in_features"):
                 if not positive_int(spec.get(key)):

@@ -1,0 +1,235 @@
+"""Mixtral (a routed MLP: a mixture of experts) against an independent float64 reference.
+
+The reference works on transformers' own stacked expert weights (``MixtralExperts``), never on
+rom_fast's per-expert modules: it routes the calibration tokens itself (float64 softmax, top-k
+of the normed MLP input), takes each expert's tokens, and replaces every compressed weight by
+its projection ``V_r^T V_r W`` (the same map as the factors ``W1 W2``), with ``V_r`` the top-r
+eigenvectors of that linear's uncentred output second moment over the tokens routed to the
+expert. What the tiny case is: tests/families.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import rom_fast
+from rom_fast.adapters import adapter_for
+from rom_fast.io.checkpoint import CheckpointError
+from rom_fast.io.sources import DirectorySource
+from rom_fast.lowrank import LowRankLinear, PrunedLinear
+
+from conftest import saved_tensors
+from families import CASES, TINY, tiny_model
+from reference_rom import _block_inputs
+from test_families import calibration, every_linear, probe, save_dir
+
+CASE = CASES["mixtral"]
+ROUTING_MARGIN = 1e-6      # the reference's routing must not hinge on float32 rounding (~1e-7 here)
+
+
+def _projected(weight: torch.Tensor, x: torch.Tensor, rank: int) -> torch.Tensor:
+    """``V_r^T V_r W``: V_r the top-r eigenvectors of ``Y^T Y``, ``Y = x W^T`` (float64)."""
+    y = x @ weight.T
+    _, vecs = torch.linalg.eigh(y.T @ y)
+    v = vecs[:, -rank:]
+    return v @ (v.T @ weight)
+
+
+def _route(x: torch.Tensor, router: torch.Tensor, k: int):
+    """Each row's top-k experts (float64 softmax) and the smallest gap between the k-th and the
+    next probability (how far the choice is from a tie)."""
+    probs = torch.softmax(x @ router.T, dim=-1)
+    top = torch.topk(probs, k + 1, dim=-1)
+    return top.indices[:, :k], float((top.values[:, k - 1] - top.values[:, k]).min().detach())
+
+
+@torch.no_grad()
+def reference_moe(model, input_ids, attention_mask, rank: int):
+    """Every linear of every block (attention and every expert) at ``rank``, the paper's loop
+    in float64 on transformers' stacked experts. Returns (model, smallest routing margin)."""
+    model = copy.deepcopy(model).double().eval()
+    model.set_experts_implementation("eager")       # grouped_mm takes no float64
+    hidden, kwargs = _block_inputs(model, input_ids, attention_mask)
+    mask, k = attention_mask.bool(), model.config.num_experts_per_tok
+    margin = float("inf")
+    for layer, kw in zip(model.model.layers, kwargs):
+        attn, moe = layer.self_attn, layer.mlp
+        normed = layer.input_layernorm(hidden)
+        x = normed[mask]
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+            lin.weight.copy_(_projected(lin.weight, x, rank))
+        seen = []
+        hook = attn.o_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+        attn(hidden_states=normed, position_embeddings=kw["position_embeddings"], attention_mask=kw["attention_mask"])
+        hook.remove()
+        attn.o_proj.weight.copy_(_projected(attn.o_proj.weight, seen[0][mask], rank))
+        h = hidden + attn(hidden_states=normed, position_embeddings=kw["position_embeddings"],
+                          attention_mask=kw["attention_mask"])[0]
+        x = layer.post_attention_layernorm(h)[mask]
+        chosen, gap = _route(x, moe.gate.weight, k)
+        margin = min(margin, gap)
+        experts, inter = moe.experts, model.config.intermediate_size
+        for e in range(model.config.num_local_experts):
+            xe = x[(chosen == e).any(-1)]
+            gate, up = experts.gate_up_proj[e, :inter], experts.gate_up_proj[e, inter:]
+            gate.copy_(_projected(gate.clone(), xe, rank))
+            up.copy_(_projected(up.clone(), xe, rank))
+            act = nn.functional.silu(xe @ gate.T) * (xe @ up.T)
+            experts.down_proj[e].copy_(_projected(experts.down_proj[e].clone(), act, rank))
+        hidden = layer(hidden, **kw)
+    return model, margin
+
+
+def test_unfused_experts_give_transformers_forward():
+    model = tiny_model("mixtral")
+    with torch.no_grad():
+        expected = model(probe()).logits
+        unfused = copy.deepcopy(model)
+        adapter_for(unfused)
+        assert type(unfused.model.layers[0].mlp.experts).__name__ == "UnfusedExperts"
+        torch.testing.assert_close(unfused(probe()).logits, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_logits_match_the_float64_reference_with_tokens_routed_per_expert():
+    model, calib = tiny_model("mixtral"), calibration()
+    ranks = every_linear(CASE)
+    ref, margin = reference_moe(model, calib["input_ids"], calib["attention_mask"], rank=10)
+    assert margin > ROUTING_MARGIN, f"a calibration token's routing is a near tie ({margin:.2e}): pick another seed"
+    ours = rom_fast.compress(copy.deepcopy(model), calibration=calib, ranks=ranks, progress=False).model
+    assert all(isinstance(ours.get_submodule(n), LowRankLinear) for n in ranks)
+    assert type(ours.get_submodule("model.layers.0.mlp.gate")).__name__ == "MixtralTopKRouter"   # left dense
+    with torch.no_grad():
+        a, b, dense = (m(probe()).logits.double() for m in (ours, ref, model))
+    assert (dense - b).abs().max() > 1e-2 * b.abs().max()       # the compression did something
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+def test_an_experts_kept_neurons_are_the_ridge_optimum_on_its_routed_tokens():
+    """Block 1's expert 1 keeps 70 neurons: gate/up keep exactly those rows, down_proj is the
+    ridge least-squares optimum on the float64 hidden activations of the tokens routed to it."""
+    model, calib, keep, mlp = tiny_model("mixtral"), calibration(n=24), 70, "model.layers.1.mlp.experts.1"
+    dense = copy.deepcopy(model).double()
+    dense.set_experts_implementation("eager")       # grouped_mm takes no float64
+    result = rom_fast.compress(model, calibration=calib, ranks={"ranks": {}, "neurons": {mlp: keep}}, progress=False)
+    assert result.plan.neurons == {mlp: keep}
+    ours = model.get_submodule(mlp)
+    assert all(isinstance(m, PrunedLinear) for m in (ours.gate_proj, ours.up_proj, ours.down_proj))
+    layer, inter = dense.model.layers[1], TINY["intermediate_size"]
+    inputs = []
+    handle = layer.mlp.register_forward_pre_hook(lambda _m, a: inputs.append(a[0]))
+    with torch.no_grad():
+        dense(**calib)
+    handle.remove()
+    x = inputs[0][calib["attention_mask"].bool()]
+    chosen, margin = _route(x, layer.mlp.gate.weight, 2)
+    assert margin > ROUTING_MARGIN
+    x = x[(chosen == 1).any(-1)]
+    gate, up = layer.mlp.experts.gate_up_proj[1, :inter], layer.mlp.experts.gate_up_proj[1, inter:]
+    down = layer.mlp.experts.down_proj[1]
+    acts = (nn.functional.silu(x @ gate.T) * (x @ up.T)).detach().numpy()
+    kept = sorted(int(torch.nonzero((gate.float() == row).all(-1))[0]) for row in ours.gate_proj.weight.detach())
+    assert len(set(kept)) == keep
+    torch.testing.assert_close(ours.up_proj.weight.detach().double(), up.detach()[kept], rtol=0, atol=1e-7)
+    c = acts.T @ acts
+    h = c + 1e-3 * np.mean(np.diag(c)) * np.eye(inter)
+    w = down.detach().numpy()
+    optimum = np.linalg.solve(h[np.ix_(kept, kept)], (w @ h[:, kept]).T).T
+    got = ours.down_proj.weight.detach().double().numpy()
+    assert np.abs(got - optimum).max() <= 1e-4 * np.abs(optimum).max()
+
+
+def test_an_expert_no_calibration_token_reaches_stays_dense_and_is_reported():
+    """One sequence of 3 real tokens (5 padding), top-1 of 8 experts: most experts of block 0
+    see no real token (padding routed to one does not count). Those keep their dense weights
+    and are reported, whatever the plan asked; the others are compressed."""
+    model = tiny_model("mixtral", num_local_experts=8, num_experts_per_tok=1)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(3))
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0]])
+    routed = []
+    handle = model.model.layers[0].mlp.gate.register_forward_hook(lambda _m, _a, out: routed.append(out[2]))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    hit = {int(e) for e in routed[0][:3].reshape(-1)}
+    missed = sorted(set(range(8)) - hit)
+    assert missed and hit
+    dense = copy.deepcopy(model)
+    adapter_for(dense)
+    ranks = {f"model.layers.0.mlp.experts.{e}.{n}": 2 for e in range(8) if e != missed[0]
+             for n in ("gate_proj", "up_proj", "down_proj")}
+    plan = {"ranks": ranks, "neurons": {f"model.layers.0.mlp.experts.{missed[0]}": 40}}
+    with pytest.warns(UserWarning, match="no calibration token"):
+        result = rom_fast.compress(model, calibration={"input_ids": ids, "attention_mask": mask}, ranks=plan,
+                                   progress=False)
+    left = {f"model.layers.0.mlp.experts.{e}.{n}" for e in missed for n in ("gate_proj", "up_proj", "down_proj")}
+    assert set(result.summary["left_dense_no_tokens"]) == left
+    for name in left:
+        assert type(model.get_submodule(name)) is nn.Linear
+        assert torch.equal(model.get_submodule(name).weight, dense.get_submodule(name).weight)
+    assert all(isinstance(model.get_submodule(n), LowRankLinear) for n in ranks if n not in left)
+    with torch.no_grad():
+        assert torch.isfinite(model(probe()).logits).all()
+
+
+def test_a_dense_directory_stores_transformers_layout_and_streams_like_the_model(tmp_path):
+    model = tiny_model("mixtral", num_hidden_layers=3)
+    src = save_dir(model, tmp_path / "dense")
+    stored = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    unfused = copy.deepcopy(model)
+    adapter_for(unfused)
+    assert set(stored) == {CASE.stored(n) for n, _ in unfused.named_parameters()}
+    plan = {"ranks": every_linear(CASE, blocks=[0, 2], rank=8), "neurons": {"model.layers.1.mlp.experts.2": 60}}
+    kw = dict(calibration=calibration(), ranks=plan, progress=False)
+    in_memory = rom_fast.compress(copy.deepcopy(model), **kw)
+    streamed = rom_fast.compress(str(src), out=tmp_path / "rom", **kw)
+    with torch.no_grad():
+        torch.testing.assert_close(streamed.model(probe()).logits, in_memory.model(probe()).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_streamed_resumes_bitwise(tmp_path, resume_check):
+    src = save_dir(tiny_model("mixtral", num_hidden_layers=3), tmp_path / "dense")
+    plan = {"ranks": every_linear(CASE, blocks=[0, 2], rank=8), "neurons": {"model.layers.1.mlp.experts.2": 60}}
+    kw = dict(calibration=calibration(), ranks=plan, progress=False)
+    rom_fast.compress(str(src), out=tmp_path / "whole", **kw)
+    resume_check(lambda out: rom_fast.compress(str(src), out=out, **kw), tmp_path / "rom", tmp_path / "whole",
+                 after_block=0)
+    assert "model.layers.1.mlp.experts.2.down_proj.weight" in saved_tensors(tmp_path / "rom")
+
+
+def test_what_routed_sublayers_do_not_take_yet_is_refused_before_any_work(tmp_path):
+    calib = calibration()
+    with pytest.raises(ValueError, match="rank planner does not handle"):
+        rom_fast.compress(tiny_model("mixtral"), calibration=calib, budget=0.8, progress=False)
+    with pytest.raises(ValueError, match="anchor"):
+        rom_fast.compress(tiny_model("mixtral"), calibration=calib, ranks=every_linear(CASE), anchor=1.0,
+                          progress=False)
+    with pytest.raises(ValueError, match="merge=True"):
+        rom_fast.compress(tiny_model("mixtral"), calibration=calib, ranks=every_linear(CASE), merge=True,
+                          out=tmp_path / "merged", progress=False)
+
+
+def test_untrusted_expert_sizes_and_half_pruned_experts_are_refused(tmp_path):
+    model = tiny_model("mixtral")
+    plan = {"ranks": {}, "neurons": {"model.layers.1.mlp.experts.0": 50}}
+    rom_fast.compress(model, calibration=calibration(), ranks=plan, out=tmp_path / "rom", progress=False)
+    config_file = tmp_path / "rom" / "config.json"
+    good = json.loads(config_file.read_text())
+    for edit, message in ((lambda c: c.update(num_local_experts=1 << 30), "num_local_experts"),
+                          (lambda c: c.update(num_experts_per_tok=9), "num_experts_per_tok"),
+                          (lambda c: c["rom_fast"]["layers"].pop("model.layers.1.mlp.experts.0.up_proj"),
+                           "whole MLPs")):
+        bad = copy.deepcopy(good)
+        edit(bad)
+        config_file.write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=message):
+            DirectorySource(tmp_path / "rom")
+    config_file.write_text(json.dumps(good))
+    assert isinstance(rom_fast.load(tmp_path / "rom").get_submodule("model.layers.1.mlp.experts.0.gate_proj"),
+                      PrunedLinear)
