@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from rom_fast import distributed, planner, plans
-from rom_fast.calibration import CalibrationBatch, calibration_tokens, default_calibration, default_data_dir
+from rom_fast.calibration import CalibrationBatch, calibration_tokens, data_free_note, default_calibration
 from rom_fast.io.checkpoint import factorized_layers, write_metadata
 from rom_fast.lowrank import apply_structure, merge_lowrank
 from rom_fast.io.output import OutputShard, ResumableOutput, check_replaceable
@@ -303,9 +303,7 @@ class CompressionRun:
         if calibration is None:
             calibration = default_calibration()
             if calibration == "generated":
-                print("rom_fast: no calibration data given and none found under "
-                      f"{default_data_dir()}; sampling calibration text from the model itself",
-                      file=sys.stderr)
+                print(data_free_note(self.eval_windows > 0), file=sys.stderr)
         self.generated = isinstance(calibration, str) and calibration == "generated"
         if not self.generated:
             if self.tok is None and not isinstance(calibration, (torch.Tensor, dict, tuple, CalibrationBatch)):
