@@ -23,6 +23,7 @@ from torch import nn
 
 from rom_fast import distributed, planner, plans
 from rom_fast.calibration import CalibrationBatch, calibration_tokens, data_free_note, default_calibration
+from rom_fast.io import data
 from rom_fast.io.checkpoint import factorized_layers, write_metadata
 from rom_fast.lowrank import apply_structure, merge_lowrank
 from rom_fast.io.output import OutputShard, ResumableOutput, check_replaceable
@@ -159,18 +160,20 @@ def _tokens_key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str:
 
 def _perplexity(model, tokenizer, windows: int, progress: bool, comm=None) -> Optional[float]:
     """WikiText-2 perplexity on the first ``windows`` 512-token windows, None without data."""
-    from rom_fast.evaluate import wikitext2_perplexity
+    from rom_fast.evaluate import PERPLEXITY_FILE, wikitext2_perplexity
     if tokenizer is None:
         print("rom_fast: perplexity skipped: the model has no tokenizer", file=sys.stderr)
         return None
     try:
-        if progress:
-            print(f"rom_fast: WikiText-2 perplexity on {windows} windows of 512 tokens", file=sys.stderr)
-        return wikitext2_perplexity(model, tokenizer, window=512, max_windows=windows, progress=progress,
-                                    comm=comm)["perplexity"]
-    except FileNotFoundError as exc:
+        path, = data.require([PERPLEXITY_FILE])
+    except FileNotFoundError as exc:      # one line: the file and the command that fetches it
         print(f"rom_fast: perplexity skipped: {exc}", file=sys.stderr)
         return None
+    if progress:
+        print(f"rom_fast: WikiText-2 perplexity on {windows} windows of 512 tokens", file=sys.stderr)
+    try:
+        return wikitext2_perplexity(model, tokenizer, path=str(path), window=512, max_windows=windows,
+                                    progress=progress, comm=comm)["perplexity"]
     finally:
         release_freed_memory()     # logits and tokenizer buffers, before the next phase
 

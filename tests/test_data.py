@@ -31,13 +31,14 @@ from rom_fast.cli import main
 from rom_fast.io import data
 
 SOURCE = os.environ.get("ROM_FAST_DATA_SOURCE")
+ENDLESS = 64 << 20          # what the "endless" server offers: far more than any file
 
 
 class _Server:
     """The test server: its base URL, the paths it was asked for, and the hang's release."""
 
     def __init__(self, root: Path):
-        self.root, self.requests, self.release = root, [], threading.Event()
+        self.root, self.requests, self.release, self.sent = root, [], threading.Event(), 0
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -56,12 +57,25 @@ class _Server:
                     middle = len(body) // 2
                     body = body[:middle] + bytes([body[middle] ^ 0x01]) + body[middle + 1:]
                 self.send_response(200)
-                if mode != "long":
+                if mode not in ("long", "endless"):
                     self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if mode == "truncated":
                     body = body[: len(body) // 2]
+                if mode == "endless":
+                    self._endless(body)
+                    return
                 self.wfile.write(body + (b"x" * 100 if mode == "long" else b""))
+                self.close_connection = True
+
+            def _endless(self, body):
+                """The file, then zeros up to ENDLESS bytes, counting what the client accepted."""
+                server.sent = 0
+                chunk = body + bytes(ENDLESS - len(body))
+                with contextlib.suppress(OSError):
+                    for start in range(0, ENDLESS, 1 << 16):
+                        self.wfile.write(chunk[start:start + (1 << 16)])
+                        server.sent += min(1 << 16, ENDLESS - start)
                 self.close_connection = True
 
             def log_message(self, *args):
@@ -159,6 +173,14 @@ def test_fault_is_one_line_and_leaves_nothing(server, cache, mode, reason):
     assert lines[1] == "rom-fast: error: 1 of 1 files not fetched; nothing partial was kept (rerun to retry)"
     assert _files(cache) == set()                                   # no temporary file either
     assert time.perf_counter() - start < 10
+
+
+def test_an_endless_body_is_not_read_past_the_expected_size(server, cache):
+    rc, _, err = _cli(["data", "download", "piqa-labels", "--from", server.url("endless"), "--timeout", "5"])
+    assert rc == 2 and "more than the expected 3676 bytes" in err and _files(cache) == set()
+    # The client closed after size + 1 bytes; what the server got rid of beyond them sits in
+    # socket buffers (a few MB at most). Reading on would take all 64 MB.
+    assert server.sent < ENDLESS // 4, server.sent
 
 
 def test_a_failed_forced_download_keeps_the_verified_copy(server, cache):
@@ -295,3 +317,11 @@ def test_data_usage_errors_are_one_line(cache):
     assert rc == 2 and err.count("\n") == 1 and "unknown data name(s) nope" in err
     rc, _, err = _cli(["data"])
     assert rc == 2 and err.count("\n") == 1
+
+
+def test_compress_perplexity_without_data_is_one_skip_line(cache, capsys):
+    from rom_fast.api import _perplexity
+    assert _perplexity(None, object(), 2, progress=True) is None        # never reaches the model
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("rom_fast: perplexity skipped: data file wikitext2/tokenized/")
+    assert err.rstrip().endswith("fetch: rom-fast data download wikitext2")

@@ -78,10 +78,10 @@ def _entry(name, path, source, source_path, size, sha256, groups, use) -> DataFi
 MANIFEST = (
     _entry("wikitext2", "wikitext2/tokenized/test.txt", _PYTORCH, "word_language_model/data/wikitext-2/test.txt",
            1256449, "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
-           ("perplexity",), "WikiText-2 test perplexity (compress, eval)"),
+           ("perplexity",), "WikiText-2 perplexity in compress and eval"),
     _entry("wiki", "calibration_text/exllamav2_wiki.utf8", _EXLLAMA, "exllamav2/conversion/standard_cal_data/wiki.utf8",
            2093275, "d53fe0aeadf3355eb5d32b48bf8691575244c31caccae88ed46be8e1b40209c7",
-           ("calibration",), "--calibration wiki (the default when present)"),
+           ("calibration",), "--calibration wiki, the default when present"),
     _entry("c4", "calibration_text/exllamav2_c4.utf8", _EXLLAMA, "exllamav2/conversion/standard_cal_data/c4.utf8",
            332173, "baf09e746b3fa464c7cb20d4f206969657ce632283bf1d43b0b8d421ddb14505",
            ("calibration",), "--calibration c4"),
@@ -106,7 +106,7 @@ MANIFEST = (
            ("tasks",), "zero-shot task piqa"),
     _entry("piqa-labels", "piqa/valid-labels.lst", _PIQA, "piqa/data/valid-labels.lst",
            3676, "b4192dc3a2a0363d9d60ccf79800cbbe2f32ebb17726efdde6970e0b8131bceb",
-           ("tasks", "piqa"), "zero-shot task piqa (labels)"),
+           ("tasks", "piqa"), "zero-shot task piqa, labels"),
     _entry("hellaswag", "hellaswag/hellaswag_val_full.txt.bz2", _HELLASWAG, "hellaswag_val_full.txt.bz2",
            1964544, "50b637899e4263c2bc456c2dc726c95d2c8cd8e2a552ea5bd7719ce3cb03fe5b",
            ("tasks",), "zero-shot task hellaswag"),
@@ -190,7 +190,7 @@ def require(names: Iterable[str], directory=None) -> List[Path]:
 
 def missing_message(files: List[DataFile], directory=None) -> str:
     root = Path(directory) if directory is not None else data_dir()
-    what = ", ".join(f"{f.path} ({f.use})" for f in files)
+    what = ", ".join(f"{f.path} (for {f.use})" for f in files)
     return (f"data file{'s' if len(files) > 1 else ''} {what} missing from {root} (or set ${DATA_ENV} to a "
             f"prepared copy); fetch: {fetch_command([f.name for f in files], directory)}")
 
