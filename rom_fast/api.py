@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from rom_fast import distributed, planner, plans
-from rom_fast.calibration import CalibrationBatch, calibration_tokens, default_calibration, default_data_dir
+from rom_fast.calibration import CalibrationBatch, calibration_tokens, data_free_note, default_calibration
+from rom_fast.io import data
 from rom_fast.io.checkpoint import factorized_layers, write_metadata
 from rom_fast.lowrank import apply_structure, merge_lowrank
 from rom_fast.io.output import OutputShard, ResumableOutput, check_replaceable
@@ -160,18 +161,20 @@ def _tokens_key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str:
 
 def _perplexity(model, tokenizer, windows: int, progress: bool, comm=None) -> Optional[float]:
     """WikiText-2 perplexity on the first ``windows`` 512-token windows, None without data."""
-    from rom_fast.evaluate import wikitext2_perplexity
+    from rom_fast.evaluate import PERPLEXITY_FILE, wikitext2_perplexity
     if tokenizer is None:
         print("rom_fast: perplexity skipped: the model has no tokenizer", file=sys.stderr)
         return None
     try:
-        if progress:
-            print(f"rom_fast: WikiText-2 perplexity on {windows} windows of 512 tokens", file=sys.stderr)
-        return wikitext2_perplexity(model, tokenizer, window=512, max_windows=windows, progress=progress,
-                                    comm=comm)["perplexity"]
-    except FileNotFoundError as exc:
+        path, = data.require([PERPLEXITY_FILE])
+    except FileNotFoundError as exc:      # one line: the file and the command that fetches it
         print(f"rom_fast: perplexity skipped: {exc}", file=sys.stderr)
         return None
+    if progress:
+        print(f"rom_fast: WikiText-2 perplexity on {windows} windows of 512 tokens", file=sys.stderr)
+    try:
+        return wikitext2_perplexity(model, tokenizer, path=str(path), window=512, max_windows=windows,
+                                    progress=progress, comm=comm)["perplexity"]
     finally:
         release_freed_memory()     # logits and tokenizer buffers, before the next phase
 
@@ -307,9 +310,7 @@ class CompressionRun:
         if calibration is None:
             calibration = default_calibration()
             if calibration == "generated":
-                print("rom_fast: no calibration data given and none found under "
-                      f"{default_data_dir()}; sampling calibration text from the model itself",
-                      file=sys.stderr)
+                print(data_free_note(self.eval_windows > 0), file=sys.stderr)
         self.generated = isinstance(calibration, str) and calibration == "generated"
         if not self.generated:
             if self.tok is None and not isinstance(calibration, (torch.Tensor, dict, tuple, CalibrationBatch)):

@@ -18,20 +18,17 @@ import random
 
 import torch
 
-# Named local corpora: name -> file under <data_dir>/calibration_text/.
-HUB_PREFIX = "hf:"          # the explicit opt-in for a Hugging Face dataset name
-NAMED_TEXTS = {
-    "wiki": "exllamav2_wiki.utf8",
-    "c4": "exllamav2_c4.utf8",
-    "shakespeare": "tinyshakespeare_input.txt",
-}
+from rom_fast.io import data
 
-# The paper's "combination" tasks that have a train split under <data_dir>/llm-adapters/.
-COMBINATION_FILES = {
-    "boolq": "boolq_train.json",
-    "arc_easy": "arc_easy_train.json",
-    "arc_challenge": "arc_challenge_train.json",
-}
+HUB_PREFIX = "hf:"          # the explicit opt-in for a Hugging Face dataset name
+# Named local corpora: name -> file under <data_dir>/calibration_text/ (the data manifest's
+# entry of the same name: ``rom-fast data download wiki``).
+NAMED_TEXTS = {name: pathlib.Path(data.entry(name).path).name for name in ("wiki", "c4", "shakespeare")}
+
+# The paper's "combination" tasks that have a train split under <data_dir>/llm-adapters/
+# (manifest entries "<task>-train").
+COMBINATION_FILES = {task: pathlib.Path(data.entry(f"{task}-train").path).name
+                     for task in ("boolq", "arc_easy", "arc_challenge")}
 
 # Suffixes treated as documents; every other existing file is one plain text.
 _DOCUMENT_SUFFIXES = (".jsonl", ".json")
@@ -58,23 +55,32 @@ class CalibrationBatch:
 
 
 def default_data_dir() -> pathlib.Path:
-    """``$ROM_FAST_DATA`` if set; else ``../shared/data`` beside the source tree (editable
-    installs); else ``../shared/data`` relative to the working directory (an installed package
-    run from the project root)."""
-    env = os.environ.get("ROM_FAST_DATA")
-    if env:
-        return pathlib.Path(env).expanduser()
-    beside_source = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-    if beside_source.is_dir():
-        return beside_source
-    from_cwd = pathlib.Path.cwd().parent / "shared" / "data"
-    return from_cwd if from_cwd.is_dir() else beside_source
+    """The data directory: ``$ROM_FAST_DATA``, else the user's cache (see
+    :func:`rom_fast.io.data.data_dir`)."""
+    return data.data_dir()
 
 
 def default_calibration() -> str:
     """``"wiki"`` when the local Wikipedia text is present, else ``"generated"`` (data-free)."""
-    return "wiki" if (default_data_dir() / "calibration_text" / NAMED_TEXTS["wiki"]).is_file() \
-        else "generated"
+    return "wiki" if data.local_path(data.entry("wiki")).is_file() else "generated"
+
+
+def data_free_note(with_perplexity: bool = False) -> str:
+    """The one line a run printed when it falls back to ``"generated"``: what it does instead,
+    and the command that fetches what it lacks (the WikiText-2 file too, ``with_perplexity``)."""
+    names = ["wiki"] + [f.name for f in data.missing([data.entry("wikitext2")]) if with_perplexity]
+    return (f"rom_fast: no calibration data ({data.entry('wiki').path} is not in {data.data_dir()}): "
+            f"calibrating on text sampled from the model (data-free); for real text"
+            f"{' and perplexity' if len(names) > 1 else ''}: {data.fetch_command(names)}")
+
+
+def calibration_files(source) -> list:
+    """The data-manifest names a calibration ``source`` reads (none for files, tensors, ...)."""
+    if isinstance(source, str) and source in NAMED_TEXTS:
+        return [source]
+    if isinstance(source, str) and source == "combination":
+        return [f"{task}-train" for task in COMBINATION_FILES]
+    return []
 
 
 def calibration_tokens(
@@ -155,7 +161,7 @@ def calibration_tokens(
     if isinstance(source, str) and source == "combination":
         return _combination_batch(tokenizer, n_samples, seq_len, seed)
     if isinstance(source, str) and source in NAMED_TEXTS:
-        path = _data_file("calibration_text", NAMED_TEXTS[source])
+        path, = data.require([source])
         return _text_batch(path, tokenizer, n_samples, seq_len, seed)
     if isinstance(source, (str, os.PathLike)):
         path = pathlib.Path(source).expanduser()
@@ -207,16 +213,6 @@ def _check_documents(docs, where: str) -> list[str]:
         if not isinstance(doc, str):
             raise ValueError(f"{where}: item {i} is a {type(doc).__name__}, expected str")
     return list(docs)
-
-
-def _data_file(*parts: str) -> pathlib.Path:
-    path = default_data_dir().joinpath(*parts)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"calibration data file {str(path)!r} not found; set ROM_FAST_DATA to the data "
-            f"directory (currently {str(default_data_dir())!r})"
-        )
-    return path
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -376,8 +372,9 @@ def _combination_batch(tokenizer, n_samples, seq_len, seed) -> CalibrationBatch:
     one stream, and the stream is cut into the first n_samples windows of seq_len.
     """
     tasks = []
-    for task, name in COMBINATION_FILES.items():
-        items = json.loads(_data_file("llm-adapters", name).read_text(encoding="utf-8"))
+    paths = data.require(calibration_files("combination"))
+    for (task, name), path in zip(COMBINATION_FILES.items(), paths):
+        items = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(items, list) or not items:
             raise ValueError(f"{name}: expected a non-empty JSON array")
         tasks.append((task, items))

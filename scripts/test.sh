@@ -25,4 +25,10 @@ cmake -S . -B build/sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DROM_FAST_BLAS=s
 rm -f build-sanitize.log
 ctest --test-dir build/sanitize --output-on-failure -E cpp_consumer_example
 
+# The prepared data beside the checkout is the data cache and what the downloader tests serve
+# on 127.0.0.1 (the test set-up's convention; tests/conftest.py does the same), unless set.
+if [ -d ../shared/data ]; then
+  shared_data=$(cd ../shared/data && pwd)
+  export ROM_FAST_DATA="${ROM_FAST_DATA:-$shared_data}" ROM_FAST_DATA_SOURCE="${ROM_FAST_DATA_SOURCE:-$shared_data}"
+fi
 python -m pytest -m "not slow" "$@"

