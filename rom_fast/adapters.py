@@ -51,6 +51,9 @@ class Sublayer:
     # sublayer has no ``inputs``/``output`` of its own.
     router: Optional[str] = None
     units: Tuple["Sublayer", ...] = ()
+    # Input linears that stack the rows of several projections, one block of ``units`` rows
+    # each, as ``(name, parts)`` (Phi-3's gate_up_proj: gate's rows, then up's: 2 parts).
+    fused: Tuple[Tuple[str, int], ...] = ()
 
     @property
     def linears(self) -> Tuple[str, ...]:
@@ -68,11 +71,16 @@ class Sublayer:
             return tuple(stage for unit in self.units for stage in unit.stages())
         return Stage(f"{self.role}_input", self.inputs), Stage(f"{self.role}_output", (self.output,))
 
-    def unit_rows(self, linear: str, kept: torch.Tensor) -> torch.Tensor:
+    def rows_per_unit(self, linear: str) -> int:
+        """How many output rows of input linear ``linear`` one unit (MLP neuron) owns."""
+        return dict(self.fused).get(linear, 1)
+
+    def unit_rows(self, linear: str, kept: torch.Tensor, units: int) -> torch.Tensor:
         """The output rows of input linear ``linear`` that belong to the kept units (MLP
-        neurons) ``kept``: the same indices for separate gate/up projections; a fused
-        projection's adapter maps them to the rows of each of its halves."""
-        return kept
+        neurons) ``kept`` of the sublayer's ``units``: the same indices for separate gate/up
+        projections; for a fused one, those rows of each of its parts, part after part (the
+        order its forward splits them in)."""
+        return torch.cat([kept + part * units for part in range(self.rows_per_unit(linear))])
 
 
 class ModelAdapter:
@@ -149,15 +157,19 @@ class ModelAdapter:
     def linear_names(self) -> List[str]:
         return [name for sub in self.sublayers for name in sub.linears]
 
+    @staticmethod
+    def config_widths(config: Dict) -> Tuple[int, int, int, int]:
+        """``(hidden, intermediate, query width, key/value width)`` of a config.json dict."""
+        hidden, heads = config["hidden_size"], config["num_attention_heads"]
+        kv = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or hidden // heads
+        return hidden, config["intermediate_size"], heads * head_dim, kv * head_dim
+
     @classmethod
     def linear_shapes(cls, config: Dict) -> Dict[str, Tuple[int, int]]:
         """``{linear name in a block: (d_out, d_in)}`` from a config.json dict (sizes already
         checked): what a checkpoint's ranks are checked against before any module is built."""
-        hidden, inter = config["hidden_size"], config["intermediate_size"]
-        heads = config["num_attention_heads"]
-        kv = config.get("num_key_value_heads") or heads
-        head_dim = config.get("head_dim") or hidden // heads
-        q, k = heads * head_dim, kv * head_dim
+        hidden, inter, q, k = cls.config_widths(config)
         (q_proj, k_proj, v_proj), (gate, up) = cls.attention.inputs, cls.mlp.inputs
         return {q_proj: (q, hidden), k_proj: (k, hidden), v_proj: (k, hidden), cls.attention.output: (hidden, q),
                 gate: (inter, hidden), up: (inter, hidden), cls.mlp.output: (hidden, inter)}

@@ -53,7 +53,9 @@ def pruned_linear(weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> 
 
 
 def mlp_neuron_params(d_model: int, neurons: int) -> int:
-    """Weights of a gate/up/down MLP keeping ``neurons`` intermediate neurons (no biases)."""
+    """Weights of a gate/up/down MLP keeping ``neurons`` intermediate neurons (no biases):
+    each neuron owns a row of gate and of up (whether separate or stacked in one fused
+    gate_up projection, as Phi-3's) and a column of down."""
     return 3 * d_model * neurons
 
 

@@ -61,6 +61,20 @@ def mixtral_stored(name: str) -> str:
     return name.replace(".mlp.", ".block_sparse_moe.", 1)
 
 
+def gate_up_rows(linear: str, kept: List[int], intermediate: int) -> List[int]:
+    """A fused gate_up projection (gate's rows, then up's): neuron j is rows j and
+    intermediate + j."""
+    return list(kept) + [intermediate + j for j in kept]
+
+
+PHI3_STAGES = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))
+
+# Llama-3.1's rotary scaling (its config.json's rope_scaling, transformers 5's rope_parameters),
+# its original context shrunk so the tiny model's positions reach the scaled frequencies.
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                   high_freq_factor=4.0, original_max_position_embeddings=32)
+
+
 @dataclass(frozen=True)
 class FamilyCase:
     config: Callable[..., "transformers.PretrainedConfig"]    # keyword overrides of the tiny sizes
@@ -75,28 +89,38 @@ class FamilyCase:
         return self.config(**dict(TINY, **dict(self.overrides, **over)))
 
     @property
+    def model_type(self) -> str:
+        return self.config.model_type
+
+    @property
     def linears(self) -> Tuple[str, ...]:
         return tuple(n for stage in self.stages for n in stage)
 
 
+# {case name: its tiny model}; several cases may share a model_type (Llama-3 is "llama").
 CASES: Dict[str, FamilyCase] = {
     "llama": FamilyCase(transformers.LlamaConfig),
+    # Llama-3: scaled rotary frequencies and a 128k vocabulary (tied, as Llama-3.2-1B's).
+    "llama3": FamilyCase(transformers.LlamaConfig, overrides=dict(
+        rope_parameters=LLAMA3_ROPE, vocab_size=128256, tie_word_embeddings=True)),
     "mistral": FamilyCase(transformers.MistralConfig),
     "qwen2": FamilyCase(transformers.Qwen2Config),
     "gemma2": FamilyCase(alternating_attention(transformers.Gemma2Config),
                          overrides=dict(GEMMA, attn_logit_softcapping=0.05)),
     "gemma3_text": FamilyCase(alternating_attention(transformers.Gemma3TextConfig), overrides=GEMMA),
-
-
     "mixtral": FamilyCase(transformers.MixtralConfig, stages=LLAMA_STAGES[:2] + expert_stages(4), mlp="mlp.experts.1",
                           overrides=dict(num_local_experts=4, num_experts_per_tok=2), stored=mixtral_stored,
                           routed=True),
+    # Qwen3: per-head q/k norms; head_dim 16 is not hidden / heads = 12.
+    "qwen3": FamilyCase(transformers.Qwen3Config, overrides=dict(head_dim=16)),
+    "phi3": FamilyCase(transformers.Phi3Config, stages=PHI3_STAGES, neuron_rows=gate_up_rows,
+                       overrides=dict(pad_token_id=None, bos_token_id=1, eos_token_id=2)),
 }
 
 
-def tiny_model(model_type: str, seed: int = 0, **over):
+def tiny_model(case: str, seed: int = 0, **over):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CASES[model_type].build_config(**over)).eval()
+    model = AutoModelForCausalLM.from_config(CASES[case].build_config(**over)).eval()
     # Trained models have non-trivial biases and norm gains; random init leaves them 0 and 1.
     with torch.no_grad():
         for name, p in model.named_parameters():

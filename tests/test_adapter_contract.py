@@ -7,7 +7,6 @@ tests/families.py.
 
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from families import CASES, TINY, tiny_model
 
 
 def test_every_registered_adapter_has_a_contract_case():
-    assert set(ADAPTERS) == set(CASES)
+    assert set(ADAPTERS) == {case.model_type for case in CASES.values()}
 
 
 @pytest.fixture(params=sorted(CASES))
@@ -32,7 +31,7 @@ def family(request):
 
 def test_roles_name_the_blocks_linears_and_norms(family):
     name, model, adapter = family
-    assert isinstance(adapter, ModelAdapter) and name in type(adapter).model_types
+    assert isinstance(adapter, ModelAdapter) and CASES[name].model_type in type(adapter).model_types
     assert [s.role for s in adapter.sublayers] == ["attention", "mlp"]
     block = adapter.blocks()[0]
     leaves = [u for s in adapter.sublayers for u in (s.units or (s,))]     # a routed sublayer: its units
@@ -84,16 +83,21 @@ def test_sublayer_forms_compose_to_the_blocks_forward(family):
     torch.testing.assert_close(mine[real], reference[real], rtol=1e-5, atol=1e-5)
 
 
-def test_unit_rows_of_separate_projections_are_the_kept_indices(family):
-    _, _, adapter = family
-    kept = torch.tensor([0, 3, 7])
-    for mlp in adapter.mlp_units:
-        for name in mlp.inputs:
-            assert torch.equal(mlp.unit_rows(name, kept), kept)
+def test_unit_rows_are_the_rows_of_the_kept_neurons(family):
+    """Neuron j's rows of each MLP input linear, as the case names them (separate gate/up: row
+    j of each; a fused gate_up: rows j and intermediate + j), and no other rows."""
+    name, _, adapter = family
+    inter = TINY["intermediate_size"]
+    kept = [0, 3, 7, inter - 1]
+    for mlp in adapter.mlp_units:          # a routed MLP: each expert
+        for linear in mlp.inputs:
+            rows = mlp.unit_rows(linear, torch.tensor(kept), inter)
+            assert rows.tolist() == CASES[name].neuron_rows(linear, kept, inter)
+            assert len(rows) == mlp.rows_per_unit(linear) * len(kept)
 
 
 def test_unknown_architecture_is_refused_with_the_supported_list():
-    supported = re.escape(", ".join(sorted(CASES)))
+    supported = ", ".join(sorted({case.model_type for case in CASES.values()}))
     with pytest.raises(ValueError, match=f"unsupported architecture 'gpt2'.*supported: {supported}$"):
         adapter_class("gpt2")
     assert adapter_class("rom_fast_llama") is adapter_class("llama")

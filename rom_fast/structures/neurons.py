@@ -89,9 +89,9 @@ class KeptNeurons:
     @staticmethod
     def check_specs(mlp_units, shapes: dict, prefix: str, specs: dict) -> None:
         """Untrusted config.json specs of one block's pruned linears: each MLP (each expert of a
-        routed one) is pruned whole or not at all (its input linears keep the same k output
-        rows and its output linear reads those k, 1 <= k <= intermediate size; the other sides
-        keep their sizes). ValueError otherwise."""
+        routed one) is pruned whole or not at all (its input linears keep the same k
+        neurons' rows, k rows each or, fused, k per part, and its output linear reads those k,
+        1 <= k <= intermediate size; the other sides keep their sizes). ValueError otherwise."""
         units = [u for u in mlp_units if set(u.linears) & set(specs)]
         whole = {n for u in units for n in u.linears}
         if set(specs) != whole:
@@ -114,7 +114,7 @@ class KeptNeurons:
         kept = specs[down]["in_features"]
         for rel, spec in specs.items():
             d_out, d_in = shapes[rel]
-            want = (d_out, kept) if rel == down else (kept, d_in)
+            want = (d_out, kept) if rel == down else (unit.rows_per_unit(rel) * kept, d_in)
             if kept > shapes[down][1] or (spec["out_features"], spec["in_features"]) != want:
                 raise ValueError(f"rom_fast layer {prefix + rel!r} is {spec['out_features']} x "
                                  f"{spec['in_features']}; an MLP keeping {kept} of {shapes[down][1]} neurons "
@@ -134,10 +134,12 @@ class KeptNeurons:
     def replace(block, sub, kept: np.ndarray, refit: np.ndarray, dtype: torch.dtype) -> None:
         """Input linears keep the kept neurons' rows, the output linear becomes the refit."""
         rows = torch.as_tensor(kept)
+        units = block.get_submodule(sub.output).in_features
         inputs = [block.get_submodule(n) for n in sub.inputs]
         with torch.inference_mode(False):
             for name, lin in zip(sub.inputs, inputs):
-                set_module(block, name, pruned_linear(lin.weight.detach()[sub.unit_rows(name, rows)].clone()))
+                kept_rows = lin.weight.detach()[sub.unit_rows(name, rows, units)]
+                set_module(block, name, pruned_linear(kept_rows.clone()))
             set_module(block, sub.output, pruned_linear(torch.as_tensor(refit).to(dtype)))
 
     @staticmethod
