@@ -90,7 +90,7 @@ class FamilyCase:
 
     @property
     def model_type(self) -> str:
-        return self.config.model_type
+        return self.build_config().model_type
 
     @property
     def linears(self) -> Tuple[str, ...]:
