@@ -69,7 +69,7 @@ def stubbed_cli(monkeypatch):
     """The real parser, with every subcommand's body replaced by a recorder."""
     from rom_fast import cli
     seen = []
-    for name in ("run_compress", "run_plan", "run_eval", "run_clean"):
+    for name in ("run_compress", "run_plan", "run_eval", "run_clean", "run_data"):
         monkeypatch.setattr(cli, name, lambda args: seen.append(args) or 0)
     return cli, seen
 
@@ -114,9 +114,12 @@ def test_synopsis_flags_exist(stubbed_cli, monkeypatch):
     current, checked = None, 0
     for line in synopsis.splitlines():
         line = line.split("#", 1)[0]
-        m = re.match(r"rom-fast (\w+)", line.strip())
+        m = re.match(r"rom-fast (\w+)(?: (\w+))?", line.strip())
         if m and m.group(1) in subs:
             current = subs[m.group(1)]
+            nested = [a for a in current._actions if a.__class__.__name__ == "_SubParsersAction"]
+            if nested and m.group(2) in nested[0].choices:      # rom-fast data download ...
+                current = nested[0].choices[m.group(2)]
         elif line.strip().startswith("rom-fast"):
             current = None                   # rom-fast --help: checked by the parse test
         if current is None:
