@@ -30,7 +30,10 @@ to ``config.max_position_embeddings``); the trailing partial window is dropped.
 Each window is scored independently: every token but the first is predicted,
 so a window contributes ``window - 1`` tokens.  Perplexity is
 ``exp(sum NLL / number of predicted tokens)``; logits are upcast to float32
-before ``log_softmax`` and the NLL sums are accumulated in float64.
+before ``log_softmax`` and the NLL sums are accumulated in float64.  A
+streamed model's big head (:mod:`rom_fast.head`) gives the same float32
+log-probabilities by a log-sum-exp over vocabulary chunks, at the scored
+positions only.
 
 Zero-shot multiple choice (:func:`zero_shot`)
 ---------------------------------------------

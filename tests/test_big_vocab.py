@@ -19,7 +19,7 @@ from torch import nn
 import rom_fast.evaluate as ev
 from rom_fast import head as head_module
 from rom_fast.adapters import adapter_for
-from rom_fast.blockwise import capture_block_inputs
+from rom_fast.blockwise import capture_block_inputs, forward_logits, sample_sequences
 from rom_fast.head import Head
 from rom_fast.io.sources import DirectorySource, ModelSource
 from rom_fast.planner import measure
@@ -158,6 +158,25 @@ def test_chunked_log_probs_and_logits_are_the_whole_heads(family, force_chunks):
     torch.testing.assert_close(logits.double(), want, rtol=0, atol=2e-6 * float(want.abs().max()))
     want_lp = torch.log_softmax(want, dim=-1)[rows, cols, targets]
     torch.testing.assert_close(got.double(), want_lp, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ("llama", "gemma3_text"))
+def test_streamed_logits_and_sampling_through_a_chunked_head(family, tmp_path, force_chunks):
+    """Block by block from a bfloat16 directory with the head chunked: the logits are the
+    float32 model's (same weights) to float32 round-off, and sampling draws from them."""
+    model = bf16_directory(family, tmp_path)
+    source = DirectorySource(tmp_path, read_tokenizer=False)
+    ids, mask = token_batch()
+    first, last5 = forward_logits(source, [(ids[:2], mask[:2], None), (ids[2:], mask[2:], 5)])
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    assert first.shape == (2, ids.shape[1], VOCAB) and last5.shape == (3, 5, VOCAB)
+    real = mask.bool()
+    torch.testing.assert_close(first[real[:2]], want[:2][real[:2]], rtol=0, atol=1e-5)
+    torch.testing.assert_close(last5[real[2:, -5:]], want[2:, -5:][real[2:, -5:]], rtol=0, atol=1e-5)
+    allowed = torch.arange(3, 40)
+    drawn = sample_sequences(source, torch.tensor([[1], [2]]), 6, allowed, torch.Generator().manual_seed(0))
+    assert drawn.shape == (2, 6) and bool(torch.isin(drawn[:, 1:], allowed).all())
 
 
 def test_streamed_evaluation_scores_the_same_with_a_chunked_head(tmp_path, monkeypatch):
