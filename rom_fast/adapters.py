@@ -228,10 +228,29 @@ class ModelAdapter:
         return out if sub.post_norm is None else block.get_submodule(sub.post_norm)(out)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits of the last block's outputs."""
+        """Vocabulary logits of the last block's outputs, as the model's forward makes them: the
+        final norm, the head, then :meth:`logit_transform`."""
         norm = self.final_norm()
         head = self.head()
-        return head(norm(hidden.to(head.weight.dtype)))
+        return self.logit_transform(head(norm(hidden.to(head.weight.dtype))))
+
+    def logit_transform(self, logits: torch.Tensor) -> torch.Tensor:
+        """The elementwise function the model applies to the head's outputs (none here). A
+        family puts all of its head's own arithmetic here: a head too big to widen whole is
+        computed by vocabulary chunks (:mod:`rom_fast.head`), each transformed by this."""
+        return logits
+
+    def embedding_output(self, module: nn.Module, input_ids: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """What the embedding gives the model's forward with float32 weights, from its ``output``
+        with the weight kept in its storage precision (a streamed source does not widen it):
+        a plain lookup's rows widened, which is exact. A family whose embedding computes more
+        (a scale) forms it from ``input_ids`` itself."""
+        if module.weight.dtype == torch.float32:
+            return output
+        if type(module) is not nn.Embedding:
+            raise TypeError(f"{type(self).__name__} does not say how {type(module).__name__} forms its "
+                            f"float32 output from a {module.weight.dtype} weight (embedding_output)")
+        return output.to(torch.float32)
 
 
 # {config.model_type: adapter class}; each family module under rom_fast/families registers its own.

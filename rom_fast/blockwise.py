@@ -16,6 +16,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from rom_fast.head import Head
 from rom_fast.io.sources import BlockSource
 
 DEFAULT_ACTIVATION_BUDGET = 1 << 30   # bytes of float32 hidden states one group may hold
@@ -134,11 +135,12 @@ def _groups(batches: Iterable, hidden_size: int, budget: int) -> Iterator[list]:
 
 
 @torch.inference_mode()
-def forward_logits(source: BlockSource, batches: Iterable[Tuple[torch.Tensor, torch.Tensor, Optional[int]]],
-                   activation_budget: int = DEFAULT_ACTIVATION_BUDGET,
-                   progress: Optional[str] = None) -> Iterator[torch.Tensor]:
-    """Logits for each ``(input_ids, attention_mask, keep)`` batch, in order: ``[batch, k, vocab]``
-    for the last ``k = keep`` positions (all positions when ``keep`` is None).
+def forward_final_hidden(source: BlockSource, batches: Iterable[Tuple[torch.Tensor, torch.Tensor, Optional[int]]],
+                         activation_budget: int = DEFAULT_ACTIVATION_BUDGET,
+                         progress: Optional[str] = None) -> Iterator[Tuple[Head, torch.Tensor]]:
+    """``(head, hidden)`` for each ``(input_ids, attention_mask, keep)`` batch, in order: the last
+    block's outputs ``[batch, k, d]`` at the last ``k = keep`` positions (all positions when
+    ``keep`` is None) and the source's :class:`~rom_fast.head.Head`, loaded while they are scored.
 
     Batches are grouped so a group's hidden states fit ``activation_budget`` bytes; each group
     runs every block once. ``progress``: a tqdm description for a bar over the blocks.
@@ -169,12 +171,22 @@ def forward_logits(source: BlockSource, batches: Iterable[Tuple[torch.Tensor, to
                     source.release_block(i)
                 if bar is not None:
                     bar.update(1)
-            with source.head():
+            with source.head() as head:
                 for (ids, mask, keep), h in zip(group, hiddens):
-                    yield adapter.logits(h if keep is None else h[:, -keep:])
+                    yield head, (h if keep is None else h[:, -keep:])
     finally:
         if bar is not None:
             bar.close()
+
+
+@torch.inference_mode()
+def forward_logits(source: BlockSource, batches: Iterable[Tuple[torch.Tensor, torch.Tensor, Optional[int]]],
+                   activation_budget: int = DEFAULT_ACTIVATION_BUDGET,
+                   progress: Optional[str] = None) -> Iterator[torch.Tensor]:
+    """Logits for each ``(input_ids, attention_mask, keep)`` batch, in order: ``[batch, k, vocab]``
+    for the last ``k = keep`` positions (:func:`forward_final_hidden`; a big head's by chunks)."""
+    for head, hidden in forward_final_hidden(source, batches, activation_budget, progress):
+        yield head.logits(hidden)
 
 
 # -- data-free calibration: sampling from the model, block by block ---------------------------
@@ -229,8 +241,8 @@ def sample_sequences(source: BlockSource, first_tokens: torch.Tensor, seq_len: i
                         hidden = adapter.block_forward(block, hidden, kw[i])
                     finally:
                         source.release_block(i)
-                with source.head():
-                    logits = adapter.logits(hidden[:, -1:]).float()[:, 0] + mask_out
+                with source.head() as head:
+                    logits = head.logits(hidden[:, -1:]).float()[:, 0] + mask_out
                 probs = torch.softmax(logits, dim=-1)
                 step_ids = torch.multinomial(probs, 1, generator=generator)
                 ids = torch.cat([ids, step_ids], dim=1)

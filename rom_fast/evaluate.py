@@ -30,7 +30,10 @@ to ``config.max_position_embeddings``); the trailing partial window is dropped.
 Each window is scored independently: every token but the first is predicted,
 so a window contributes ``window - 1`` tokens.  Perplexity is
 ``exp(sum NLL / number of predicted tokens)``; logits are upcast to float32
-before ``log_softmax`` and the NLL sums are accumulated in float64.
+before ``log_softmax`` and the NLL sums are accumulated in float64.  A
+streamed model's big head (:mod:`rom_fast.head`) gives the same float32
+log-probabilities by a log-sum-exp over vocabulary chunks, at the scored
+positions only.
 
 Zero-shot multiple choice (:func:`zero_shot`)
 ---------------------------------------------
@@ -127,6 +130,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rom_fast.head import token_log_probs
 from rom_fast.io import data
 
 __all__ = [
@@ -388,25 +392,31 @@ class _Forward:
         out = self.model(input_ids.to(self.device), **kwargs)
         return out.logits if hasattr(out, "logits") else out[0]
 
-    def many(self, batches):
-        """Logits of each ``(input_ids, attention_mask, keep)`` batch, in order."""
-        for ids, mask, keep in batches:
-            yield self(ids, mask, keep)
+    def log_probs(self, batches):
+        """For each ``(input_ids, attention_mask, keep, rows, cols, targets)`` batch, in order: the
+        float32 ``log p(targets[j])`` at position ``(rows[j], cols[j])`` of the sequences."""
+        for ids, mask, keep, rows, cols, targets in batches:
+            logits = self(ids, mask, keep)
+            yield token_log_probs(logits, rows, cols - (ids.shape[1] - logits.shape[1]), targets)
 
 
 class _BlockwiseForward:
     """The same for a :class:`~rom_fast.io.sources.BlockSource`: batches are run block by block,
     in groups whose hidden states fit a memory budget (a streamed model reads each block once
-    per group), with exactly the logits the model's own forward gives."""
+    per group), with exactly the logits the model's own forward gives; a big head scores only
+    the asked positions, by vocabulary chunks (:meth:`rom_fast.head.Head.log_probs`)."""
 
     logits_to_keep = True
 
     def __init__(self, source):
         self.source = source
 
-    def many(self, batches):
-        from rom_fast.blockwise import forward_logits
-        return forward_logits(self.source, batches, progress="rom_fast eval (blocks)")
+    def log_probs(self, batches):
+        from rom_fast.blockwise import forward_final_hidden
+        batches = list(batches)
+        finals = forward_final_hidden(self.source, [b[:3] for b in batches], progress="rom_fast eval (blocks)")
+        for (ids, _, _, rows, cols, targets), (head, hidden) in zip(batches, finals):
+            yield head.log_probs(hidden, rows, cols - (ids.shape[1] - hidden.shape[1]), targets)
 
 
 @contextmanager
@@ -479,16 +489,13 @@ def wikitext2_perplexity(model, tokenizer, path: str | None = None, window: int 
         batches = comm.shard_list(batches)
     nll_sum = 0.0  # a Python float is float64
     with _eval_mode(model), torch.inference_mode():
-        scored = zip(batches, forward.many((b, torch.ones_like(b), None) for b in batches))
+        scored = forward.log_probs(_every_next_token(b) for b in batches)
         if progress and isinstance(forward, _Forward):     # a block source shows its own bar
             from tqdm.auto import tqdm
             scored = tqdm(scored, total=len(batches), desc="WikiText-2 perplexity", unit="batch")
-        for batch, logits in scored:
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            targets = batch[:, 1:].to(logp.device)
-            nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            nll_sum += nll.double().sum().item()
-            del logits, logp, nll   # before the next window's forward allocates its own
+        for logp in scored:
+            nll_sum += (-logp).double().sum().item()
+            del logp   # before the next window's forward allocates its own
     if comm is not None:
         nll_sum = comm.all_reduce_scalar(nll_sum, "perplexity")
     n_tokens = n_windows * (window - 1)
@@ -500,6 +507,15 @@ def wikitext2_perplexity(model, tokenizer, path: str | None = None, window: int 
         "n_windows": n_windows,
         "window": window,
     }
+
+
+def _every_next_token(windows: torch.Tensor):
+    """A batch of windows scored at every position but the last, on the next token (the
+    :meth:`_Forward.log_probs` form, rows and columns in row-major order)."""
+    n, width = windows.shape
+    rows = torch.arange(n).repeat_interleave(width - 1)
+    cols = torch.arange(width - 1).repeat(n)
+    return windows, torch.ones_like(windows), None, rows, cols, windows[:, 1:].reshape(-1)
 
 
 # ----------------------------------------------------------------------------
@@ -625,25 +641,17 @@ def loglikelihoods_tokens(model, requests, batch_size: int = 16,
     forward = _Forward(model)
     results = [0.0] * len(spans)
     with _eval_mode(model), torch.inference_mode():
-        stream = forward.many((ids, mask, keep) for ids, mask, keep, *_ in batches)
-        for (ids, _, _, b_idx, p_idx, targets, owner), logits in zip(batches, stream):
-            width = ids.shape[1]
-            offset = width - logits.shape[1]  # logits[:, j] is position offset + j
-            device = logits.device
-            sel = logits[
-                torch.tensor(b_idx, device=device), torch.tensor(p_idx, device=device) - offset
-            ]
-            logp = torch.log_softmax(sel.float(), dim=-1)
-            tok_lp = logp.gather(-1, torch.tensor(targets, device=device).unsqueeze(-1))
+        stream = forward.log_probs((ids, mask, keep, torch.tensor(b_idx), torch.tensor(p_idx), torch.tensor(targets))
+                                   for ids, mask, keep, b_idx, p_idx, targets, _ in batches)
+        for (*_, owner), tok_lp in zip(batches, stream):
             # Sum each request's token log-probs in float64.
             members = sorted(set(owner))
             local = {r: j for j, r in enumerate(members)}
             sums = torch.zeros(len(members), dtype=torch.float64)
-            sums.index_add_(0, torch.tensor([local[r] for r in owner]),
-                            tok_lp.squeeze(-1).double().cpu())
+            sums.index_add_(0, torch.tensor([local[r] for r in owner]), tok_lp.double().cpu())
             for r, value in zip(members, sums.tolist()):
                 results[r] = value
-            del logits, sel, logp   # before the next batch's forward allocates its own
+            del tok_lp   # before the next batch's forward allocates its own
     return results
 
 

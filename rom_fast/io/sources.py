@@ -3,9 +3,11 @@
 The compression loop, the rank planner, evaluation and data-free calibration all run the model
 block by block through a :class:`BlockSource`: ``load_block(i)`` gives block i with float32
 weights, ``release_block(i)`` drops what loading cost, ``embedding()`` and ``head()`` bring the
-outer modules in for as long as they are needed. For a model in memory these are (almost)
-free; for a Hugging Face safetensors directory only one block is in memory at a time, so the
-same code handles a 135M model and a 70B one.
+outer modules in for as long as they are needed (``head()`` gives a :class:`~rom_fast.head.Head`,
+which computes in float32). For a model in memory these are (almost) free; for a Hugging Face
+safetensors directory only one block is in memory at a time, so the same code handles a 135M
+model and a 70B one. The embedding and a big head (:func:`~rom_fast.head.chunked_head`) of a
+directory stay in their storage precision: a 256k vocabulary is 3.7 GB in float32.
 
 A directory is read as untrusted input: its config must name a supported architecture, every
 shard header is parsed and checked (:mod:`rom_fast.io.safetensors_index`), and every tensor the
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from rom_fast.adapters import ModelAdapter, adapter_for
+from rom_fast.head import Head, chunked_head
 from rom_fast.io.checkpoint import read_config
 from rom_fast.io.models import TOKENIZER_FILES, load_model
 from rom_fast.io.safetensors_index import FLOAT_DTYPES, CheckpointError, SafetensorsIndex
@@ -104,8 +107,8 @@ class BlockSource:
         yield self.adapter.embedding()
 
     @contextlib.contextmanager
-    def head(self) -> Iterator[None]:
-        yield
+    def head(self) -> Iterator[Head]:
+        yield Head(self.adapter, chunked_head(self.adapter.head()))
 
     def fingerprint(self) -> str:
         """Identifies the source's weights (for refusing to resume on a different model)."""
@@ -158,16 +161,19 @@ class ModelSource(BlockSource):
         return out
 
     @contextlib.contextmanager
-    def head(self) -> Iterator[None]:
+    def head(self) -> Iterator[Head]:
+        """The final norm widened to float32 while in use, and the head too unless it is big
+        (then computed by chunks from its own precision)."""
         a = self.adapter
+        chunked = chunked_head(a.head())
         if self.storage_dtype == COMPUTE_DTYPE:
-            yield
+            yield Head(a, chunked)
             return
-        modules = [a.final_norm(), a.head()]
+        modules = [a.final_norm()] + ([] if chunked else [a.head()])
         for m in modules:
             m.to(COMPUTE_DTYPE)
         try:
-            yield
+            yield Head(a, chunked)
         finally:
             for m in modules:
                 m.to(self.storage_dtype)
@@ -280,29 +286,43 @@ class DirectorySource(BlockSource):
     def outer_tensors(self) -> Dict[str, torch.Tensor]:
         return self._load(self._outer_keys())
 
-    def _load_module(self, path: str, source_path: Optional[str] = None) -> nn.Module:
+    def _load_module(self, path: str, source_path: Optional[str] = None,
+                     dtype: Optional[torch.dtype] = COMPUTE_DTYPE) -> nn.Module:
+        """The module at ``path`` with its stored tensors (under ``source_path``: a tied head)
+        in ``dtype`` (None: as stored, each tensor put in place without a copy)."""
         module = self.model.get_submodule(path)
         prefix = (source_path or path) + "."
-        tensors = self._load(self.index.keys_with_prefix(self.adapter.stored_name(prefix)), COMPUTE_DTYPE)
+        tensors = self._load(self.index.keys_with_prefix(self.adapter.stored_name(prefix)), dtype)
         _materialize(module, prefix, tensors)
         return module
 
     @contextlib.contextmanager
     def embedding(self) -> Iterator[nn.Module]:
-        module = self._load_module(self.adapter.embedding_path)
+        """The embedding in its storage precision (a row lookup needs no widening), its output
+        made what the float32 model's forward expects by the adapter (``embedding_output``)."""
+        a = self.adapter
+        module = self._load_module(a.embedding_path, dtype=None)
+
+        def widen(m, args, kwargs, output):
+            return a.embedding_output(m, args[0] if args else next(iter(kwargs.values())), output)
+        handle = module.register_forward_hook(widen, with_kwargs=True)
         try:
             yield module
         finally:
+            handle.remove()
             _unload(module)
             release_freed_memory()
 
     @contextlib.contextmanager
-    def head(self) -> Iterator[None]:
+    def head(self) -> Iterator[Head]:
+        """The final norm in float32 and the head: in float32, or as stored when it is big."""
         a = self.adapter
+        chunked = chunked_head(a.head())
         norm = self._load_module(a.final_norm_path)
-        head = self._load_module(a.head_path, a.embedding_path if a.tied() else None)
+        head = self._load_module(a.head_path, a.embedding_path if a.tied() else None,
+                                 dtype=None if chunked else COMPUTE_DTYPE)
         try:
-            yield
+            yield Head(a, chunked)
         finally:
             for m in (norm, head):
                 _unload(m)

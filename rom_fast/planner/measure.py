@@ -30,6 +30,7 @@ from rom_fast import kernels
 from rom_fast.adapters import ModelAdapter
 from rom_fast.blockwise import capture_block_inputs, kwargs_of_block
 from rom_fast.distributed import Communicator
+from rom_fast.head import IGNORE_INDEX
 from rom_fast.structures.lowrank import output_route
 from rom_fast.io.safetensors_index import write_safetensors
 from rom_fast.io.sources import BlockSource
@@ -332,22 +333,12 @@ def _forward_block(source: BlockSource, i: int, hidden: torch.Tensor, kwargs_lis
 def _loss_gradient(source: BlockSource, hidden: torch.Tensor, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor) -> torch.Tensor:
     """d(summed next-token loss)/d(last block's outputs), float32, a few hundred tokens at a
-    time (norm and head act per token): the vocabulary-wide logits and their gradient stay small."""
-    adapter = source.adapter
-    grads = torch.empty(hidden.shape, dtype=torch.float32)
-    targets = input_ids.roll(-1, dims=1).masked_fill(attention_mask.roll(-1, dims=1) == 0, -100)
-    targets[:, -1] = -100                       # the last position predicts nothing here
-    flat_hidden = hidden.view(-1, hidden.shape[-1])
-    flat_grads, flat_targets = grads.view(-1, grads.shape[-1]), targets.reshape(-1)
-    with source.head(), _frozen(source.model), torch.enable_grad():
-        for start in range(0, flat_hidden.shape[0], HEAD_CHUNK_TOKENS):
-            rows = slice(start, start + HEAD_CHUNK_TOKENS)
-            x = flat_hidden[rows].to(torch.float32, copy=True).requires_grad_(True)
-            loss = nn.functional.cross_entropy(adapter.logits(x).float(), flat_targets[rows], reduction="sum")
-            (gx,) = torch.autograd.grad(loss, x)
-            flat_grads[rows].copy_(gx)
-            del loss, gx, x
-    return grads
+    time (norm and head act per token): the vocabulary-wide logits and their gradient stay
+    small (a big head: by vocabulary chunks, exactly; :mod:`rom_fast.head`)."""
+    targets = input_ids.roll(-1, dims=1).masked_fill(attention_mask.roll(-1, dims=1) == 0, IGNORE_INDEX)
+    targets[:, -1] = IGNORE_INDEX               # the last position predicts nothing here
+    with source.head() as head, _frozen(source.model):
+        return head.loss_gradient(hidden, targets, HEAD_CHUNK_TOKENS)
 
 
 def _backward_block(source: BlockSource, i: int, inputs: torch.Tensor, grads: torch.Tensor, kwargs_list,
