@@ -222,11 +222,12 @@ def architecture(widths: List[BlockWidths]) -> str:
 
 
 def write_hparams(writer, config, widths: List[BlockWidths], n_vocab: int, quant: str, name: str) -> None:
-    """The architecture's keys; per-layer widths as arrays where blocks differ (deci), else scalars."""
+    """The architecture's keys; a per-layer width as an array where blocks differ in it (llama.cpp
+    reads either form for every architecture), else as one number."""
     import gguf
 
     def per_layer(values: List[int]):
-        return values[0] if writer.arch == "llama" else values
+        return values[0] if len(set(values)) == 1 else values
 
     hd = head_dim(config)
     rope = getattr(config, "rope_parameters", None) or {}
