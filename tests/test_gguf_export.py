@@ -192,6 +192,27 @@ def test_tokenizer_from_tokenizer_json(pruned_dir, tmp_path):
     assert "default" in export_gguf(pruned_dir, tmp_path / "t2.gguf").notes[0]      # no pre named: said
 
 
+def test_bad_tokenizer_files_are_refused_in_one_line(pruned_dir, tmp_path):
+    import shutil
+    bad = tmp_path / "rom"
+    shutil.copytree(pruned_dir, bad)
+    tj = json.loads((bad / "tokenizer.json").read_text())
+    (bad / "tokenizer.json").write_text("{")
+    with pytest.raises(ValueError, match="not a readable tokenizer.json"):
+        export_gguf(bad, tmp_path / "a.gguf")
+    (bad / "tokenizer.json").write_text(json.dumps(dict(tj, decoder={"type": "Metaspace"})))
+    with pytest.raises(ValueError, match="only GPT-2-style byte-level BPE"):
+        export_gguf(bad, tmp_path / "b.gguf")
+    tj["model"]["vocab"]["extra"] = VOCAB + 5
+    (bad / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ValueError, match="outside the model's 300 embedding rows"):
+        export_gguf(bad, tmp_path / "c.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(ValueError, match="not a readable GGUF file"):
+        export_gguf(bad, tmp_path / "d.gguf", tokenizer_gguf=tmp_path / "junk.gguf")
+    assert not list(tmp_path.glob("[abcd].gguf"))
+
+
 def test_low_rank_layer_is_refused_with_the_fix(tmp_path):
     out = tmp_path / "rom"
     rom_fast.compress(tiny_model(), ranks={"model.layers.1.self_attn.q_proj": 8}, out=out, tokenizer=tiny_tokenizer(),

@@ -33,7 +33,7 @@ from torch import nn
 
 from rom_fast.lowrank import LowRankLinear
 from rom_fast.io.models import smollm2_gguf_path
-from rom_fast.io.sources import block_state, open_source
+from rom_fast.io.sources import DirectorySource, block_state, open_source
 
 # The block form llama.cpp's llama/deci graphs compute (plain LLaMA blocks: no post-norms, no
 # routed MLPs, SiLU-gated MLPs, one rotary base).
@@ -268,7 +268,10 @@ def tokenizer_gguf_of(model, config) -> Optional[Path]:
 def copy_tokenizer(writer, path: Path, n_vocab: int) -> None:
     """Every ``tokenizer.*`` key of GGUF ``path``, as stored (strings as their bytes)."""
     from gguf import GGUFReader, GGUFValueType
-    reader = GGUFReader(path)
+    try:
+        reader = GGUFReader(path)
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ValueError(f"{path}: not a readable GGUF file ({exc})") from None
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is None or len(tokens.data) != n_vocab:
         raise ValueError(f"{path}: its tokenizer has {0 if tokens is None else len(tokens.data)} tokens, "
@@ -314,7 +317,11 @@ def hf_tokenizer(writer, directory: Path, n_vocab: int, pre: str) -> None:
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    gguf.SpecialVocab(directory, load_merges=True, n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
+    try:        # merges, special token ids, add_bos/eos and the chat template, by gguf's reader
+        special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=n_vocab)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{directory}: its tokenizer files cannot be read ({exc})") from None
+    special.add_to_gguf(writer, quiet=True)
 
 
 def write_tokenizer(writer, model, config, n_vocab: int, tokenizer_gguf, pre: Optional[str],
@@ -375,7 +382,9 @@ def export_gguf(model, path, quant: str = "f32", *, tokenizer_gguf=None, tokeniz
     path = Path(path)
     if path.exists() and not overwrite:
         raise ValueError(f"{path} exists; pass --overwrite to replace it")
-    source = open_source(model)
+    is_dir = isinstance(model, (str, os.PathLike)) and Path(model).is_dir()
+    # A directory is checked and streamed; its tokenizer files are read here, not by transformers.
+    source = DirectorySource(Path(model), read_tokenizer=False) if is_dir else open_source(model)
     config = source.config
     notes = check_family(config)
     widths = block_widths(source.adapter, config)
