@@ -373,9 +373,9 @@ def _add_export(sub) -> None:
     p.add_argument("model", help="directory written by rom-fast compress, a Hugging Face directory, .gguf, or 'smollm2'")
     p.add_argument("--gguf", required=True, metavar="FILE", help="the GGUF file to write")
     p.add_argument("--quant", choices=QUANT_NAMES, default="f32",
-                   help="type of the matrices (norms stay f32; a matrix whose rows do not fill the type's blocks, "
-                        "e.g. a pruned ffn_down, is written f16); the gguf package writes these types, not the "
-                        "K-quants (default f32)")
+                   help="type of the matrices (norms stay f32; an MLP is padded with zero neurons to whole "
+                        "blocks of the type, any other matrix whose rows are not whole blocks is written f16); the "
+                        "gguf package writes these types, not the K-quants (default f32)")
     p.add_argument("--tokenizer-gguf", metavar="FILE", default=None,
                    help="copy the tokenizer of this GGUF (default: of the GGUF the model came from, else "
                         "converted from the directory's tokenizer.json)")
@@ -395,7 +395,11 @@ def run_export(args) -> int:
           f"heads {min(w.n_head for w in widths)}-{max(w.n_head for w in widths)}, "
           f"kv heads {min(w.n_head_kv for w in widths)}-{max(w.n_head_kv for w in widths)}")
     print("tensors      " + ", ".join(f"{n} {k}" for k, n in sorted(result.tensor_types.items())) +
-          (f" ({len(result.fallbacks)} matrices in f16: rows not whole {args.quant} blocks)" if result.fallbacks else ""))
+          (f" ({len(result.fallbacks)} matrices in f16: rows not whole {args.quant} blocks)"
+           if result.fallbacks else ""))
+    if result.padded:
+        print(f"padded       the MLPs of {len(result.padded)} blocks with zero neurons to whole {args.quant} blocks "
+              "(same outputs)")
     print(f"tokenizer    {result.tokenizer}")
     for note in result.notes:
         print(f"note         {note}")

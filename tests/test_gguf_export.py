@@ -31,7 +31,7 @@ from test_streaming import KW  # noqa: E402
 VOCAB = 300          # tokenizer ids 0..259; the rest are padding rows of the embedding
 CONFIG = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, num_hidden_layers=3)
-# Block 0 keeps 96 neurons (3 Q8_0 blocks of 32), block 1 keeps 90 (not whole blocks: f16), block 2 is dense.
+# Block 0 keeps 96 neurons (3 Q8_0 blocks of 32), block 1 keeps 90 (padded to 96 when quantized), block 2 is dense.
 NEURONS = {"model.layers.0.mlp": 96, "model.layers.1.mlp": 90}
 
 
@@ -137,32 +137,61 @@ def test_f32_export_has_per_layer_widths_names_and_values(pruned_dir, tmp_path):
                                    attention_scores(*hf, x, 4, 2, 16, rope_half_split), rtol=1e-9, atol=1e-9)
 
 
-def test_quantized_export_is_within_rounding_and_falls_back_on_partial_blocks(pruned_dir, tmp_path):
+def test_quantized_export_is_within_rounding_with_mlps_padded_to_whole_blocks(pruned_dir, tmp_path):
     result = export_gguf(pruned_dir, tmp_path / "q.gguf", "q8_0")
-    assert result.fallbacks == ["blk.1.ffn_down.weight"]             # 90 columns: not whole 32-blocks
+    assert result.padded == [1] and not result.fallbacks       # 90 neurons: padded to 3 blocks of 32
     reader = gguf.GGUFReader(tmp_path / "q.gguf")
-    assert fields(reader)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    meta = fields(reader)
+    assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert meta["deci.feed_forward_length"] == [96, 96, 160]
     params = dict(rom_fast.load(pruned_dir).named_parameters())
     tensors = {t.name: t for t in reader.tensors}
     Q = gguf.GGMLQuantizationType
-    assert tensors["blk.1.ffn_down.weight"].tensor_type == Q.F16
+    down = tensors["blk.1.ffn_down.weight"]
+    assert down.tensor_type == Q.Q8_0 and list(down.shape) == [96, 64]
+    padded = gguf.quants.dequantize(np.asarray(down.data), Q.Q8_0).reshape(64, 96)
+    assert not padded[:, 90:].any()                                     # the zero neurons
+    gate = gguf.quants.dequantize(np.asarray(tensors["blk.1.ffn_gate.weight"].data), Q.Q8_0).reshape(96, 64)
+    assert not gate[90:].any() and gate[:90].any()
     assert tensors["blk.0.ffn_down.weight"].tensor_type == Q.Q8_0
     assert tensors["blk.0.attn_norm.weight"].tensor_type == Q.F32
     for gname, hname in [("blk.0.ffn_down", "model.layers.0.mlp.down_proj"),
                          ("blk.2.ffn_up", "model.layers.2.mlp.up_proj"), ("token_embd", "model.embed_tokens"),
-                         ("blk.1.ffn_down", "model.layers.1.mlp.down_proj")]:
-        t = tensors[f"{gname}.weight"]
-        want = params[f"{hname}.weight"].detach().numpy()
-        got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(want.shape)
-        blocks = np.abs(want.reshape(want.shape[0], -1, 32 if t.tensor_type == Q.Q8_0 else want.shape[1]))
-        if t.tensor_type == Q.Q8_0:
-            step = blocks.max(axis=-1, keepdims=True) / 127
-        else:
-            step = (np.abs(want) * 2 ** -10).reshape(blocks.shape)       # f16: 11 significant bits
-        err = np.abs(got - want).reshape(blocks.shape)
-        # Half a step, plus (Q8_0) the f16 rounding of the block's scale over up to 127 steps.
-        bound = (0.5 + 127 * 2 ** -11) * step if t.tensor_type == Q.Q8_0 else 0.5 * step
-        assert np.all(err <= bound * 1.001 + 1e-7) and err.max() > 0      # rounding, and not a copy in f32
+                         ("blk.1.ffn_up", "model.layers.1.mlp.up_proj")]:
+        assert_within_rounding(tensors[f"{gname}.weight"], params[f"{hname}.weight"].detach().numpy())
+    assert_within_rounding(down, params["model.layers.1.mlp.down_proj.weight"].detach().numpy(), columns=90)
+
+
+def assert_within_rounding(t, want: np.ndarray, columns=None) -> None:
+    """GGUF tensor ``t`` (Q8_0 or F16) holds ``want`` to its type's rounding, and is not an
+    exact copy; ``columns``: compare only the first ones (the rest are padding)."""
+    Q = gguf.GGMLQuantizationType
+    got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(-1, int(t.shape[0]))
+    got = got[:want.shape[0], :columns or want.shape[1]]
+    if t.tensor_type == Q.Q8_0:     # the scale of each block of 32 (padding included) is its max / 127
+        full = np.pad(want, [(0, 0), (0, int(t.shape[0]) - want.shape[1])])
+        step = np.repeat(np.abs(full).reshape(want.shape[0], -1, 32).max(-1) / 127, 32, axis=1)[:, :want.shape[1]]
+        bound = (0.5 + 127 * 2 ** -11) * step      # half a step, plus the f16 rounding of the scale
+    else:
+        assert t.tensor_type == Q.F16
+        bound = 0.5 * np.abs(want) * 2 ** -10      # f16: 11 significant bits
+    err = np.abs(got - want)
+    assert np.all(err <= bound * 1.001 + 1e-7) and err.max() > 0
+
+
+def test_matrices_of_partial_blocks_fall_back_to_f16(tmp_path):
+    src = tmp_path / "h48"
+    model = tiny_model(hidden_size=48)         # rows of 48: not whole blocks of 32
+    model.save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    result = export_gguf(src, tmp_path / "h.gguf", "q8_0")
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "h.gguf").tensors}
+    Q = gguf.GGMLQuantizationType
+    assert tensors["blk.0.ffn_down.weight"].tensor_type == Q.Q8_0              # rows of 160
+    assert "token_embd.weight" in result.fallbacks and "blk.0.ffn_up.weight" in result.fallbacks
+    assert_within_rounding(tensors["blk.0.ffn_up.weight"], model.model.layers[0].mlp.up_proj.weight.detach().numpy())
+    assert_within_rounding(tensors["blk.0.ffn_down.weight"],
+                           model.model.layers[0].mlp.down_proj.weight.detach().numpy())
 
 
 def test_dense_model_exports_as_llama_with_scalar_widths(tmp_path):
@@ -230,7 +259,7 @@ def test_cli_export_and_its_refusals(pruned_dir, tmp_path, capsys):
     target = tmp_path / "c.gguf"
     assert main(["export", str(pruned_dir), "--gguf", str(target), "--quant", "q4_0", "--tokenizer-pre", "gpt-2"]) == 0
     printed = capsys.readouterr().out
-    assert "architecture deci" in printed and "MLP widths 90-160" in printed and "f16" in printed
+    assert "architecture deci" in printed and "MLP widths 96-160" in printed and "padded" in printed
     assert main(["export", str(pruned_dir), "--gguf", str(target)]) == 2            # exists
     assert "pass --overwrite" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--quant must be one of"):

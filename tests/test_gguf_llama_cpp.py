@@ -2,7 +2,9 @@
 
 Optional: skipped when llama_cpp is not importable (``pip install llama-cpp-python`` builds
 llama.cpp from source, 10-20 minutes on 2 cores). The tiny models take seconds; SmolLM2 at 80%
-(compressed here, the FINDINGS setup) is marked slow. llama.cpp runs with a float32 KV cache
+(compressed here with the FINDINGS setup, or taken from $ROM_FAST_TEST_SMOL80_STANDARD, the
+output of ``rom-fast compress smollm2 --calibration wiki --n-samples 128 --seq-len 128 --seed -1
+--budget 0.8 --eval-windows 0 --structures standard``) is marked slow. llama.cpp runs with a float32 KV cache
 (its default is f16), so f32 files match transformers' float32 logits to float rounding.
 """
 
@@ -148,6 +150,9 @@ def smollm2_80_standard(tmp_path_factory):
         data.require(["wiki", "wikitext2"])
     except (FileNotFoundError, ValueError) as exc:
         pytest.skip(f"needs the calibration and WikiText-2 data ({exc})")
+    prebuilt = os.environ.get("ROM_FAST_TEST_SMOL80_STANDARD")     # a directory of that command, to reuse
+    if prebuilt:
+        return prebuilt
     out = tmp_path_factory.mktemp("smol") / "rom80"
     rom_fast.compress("smollm2", calibration="wiki", n_samples=128, seq_len=128, seed=None, budget=0.8,
                       eval_windows=0, structures="standard", out=out, progress=False)

@@ -14,9 +14,11 @@ read from its q/k/v/o shapes.
 
 Low-rank factors (``LowRankLinear``) have no GGUF form and are refused. Tensors are written
 as ``--quant`` asks where the ``gguf`` package can quantize them (its numpy quantizers: F32,
-F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0; the K-quants it can only read); a matrix whose row
-length is not a multiple of the type's block (a pruned ``ffn_down`` keeping k neurons) falls
-back to F16. The file is written under a temporary name and renamed into place when complete.
+F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0; the K-quants it can only read). A quantized type
+packs a row in blocks of 32 values, and a pruned ``ffn_down``'s rows are its k kept neurons:
+an MLP is padded with zero neurons to whole blocks (zero gate/up rows, zero down columns:
+exactly the same outputs); any other matrix whose rows are not whole blocks falls back to F16.
+The file is written under a temporary name and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -64,12 +66,14 @@ class BlockWidths:
 @dataclass(frozen=True)
 class TensorSpec:
     """One GGUF tensor: its name, the model's parameter it holds, its shape (rows, columns as
-    the model stores it), its GGML type, and the head count of a q/k permutation (0: none)."""
+    the model stores it), its GGML type, the head count of a q/k permutation (0: none), and
+    whether the parameter may be narrower (an MLP's, padded with zero neurons)."""
     name: str
     key: str
     shape: Tuple[int, ...]
     qtype: str
     permute_heads: int = 0
+    pad: bool = False
 
 
 @dataclass
@@ -81,6 +85,7 @@ class ExportResult:
     widths: List[BlockWidths]
     tensor_types: Dict[str, int]                     # {GGML type: tensors written in it}
     fallbacks: List[str] = field(default_factory=list)   # tensors written in FALLBACK instead
+    padded: List[int] = field(default_factory=list)      # blocks whose MLP got zero neurons
     tokenizer: str = ""
     notes: List[str] = field(default_factory=list)
 
@@ -163,22 +168,35 @@ def tensor_nbytes(shape: Tuple[int, ...], qtype: str) -> int:
     return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
 
 
-def _module_specs(gguf_prefix: str, names, block: nn.Module, prefix: str, quant: str, heads) -> List[TensorSpec]:
+def padded_widths(widths: List[BlockWidths], quant: str) -> List[BlockWidths]:
+    """The widths written: each MLP's neurons rounded up to whole blocks of ``quant``."""
+    import gguf
+    block = gguf.GGML_QUANT_SIZES[_ggml(quant)][0]
+    return [BlockWidths(-(-w.n_ff // block) * block, w.n_head, w.n_head_kv) for w in widths]
+
+
+def _module_specs(gguf_prefix: str, names, block: nn.Module, prefix: str, quant: str, heads,
+                  pad_axes=None, width: int = 0) -> List[TensorSpec]:
+    """The weight and bias of each module, a parameter's ``pad_axes`` entry (an axis, or None)
+    widened to ``width``."""
     out = []
-    for (gguf_name, rel), n_head in zip(names, heads):
+    for (gguf_name, rel), n_head, axis in zip(names, heads, pad_axes or [None] * len(heads)):
         module = block.get_submodule(rel)
         for part in ("weight", "bias"):
             p = getattr(module, part, None)
             if p is not None:
-                shape = tuple(p.shape)
-                out.append(TensorSpec(f"{gguf_prefix}{gguf_name}.{part}", f"{prefix}{rel}.{part}", shape,
-                                      tensor_type(shape, quant), n_head))
+                shape = list(p.shape)
+                if axis is not None and axis < len(shape):
+                    shape[axis] = width
+                out.append(TensorSpec(f"{gguf_prefix}{gguf_name}.{part}", f"{prefix}{rel}.{part}", tuple(shape),
+                                      tensor_type(tuple(shape), quant), n_head, pad=pad_axes is not None))
     return out
 
 
 def tensor_specs(adapter, widths: List[BlockWidths], quant: str) -> List[TensorSpec]:
     """Every GGUF tensor in file order, from the model's module shapes (a skeleton's suffice):
-    token_embd, output_norm, output (an untied head), then each block's tensors by role."""
+    token_embd, output_norm, output (an untied head), then each block's tensors by role, the
+    MLP's at the written width ``widths[i].n_ff`` (see :func:`padded_widths`)."""
     model = adapter.model
     outer = [("token_embd", adapter.embedding_path), ("output_norm", adapter.final_norm_path)]
     if not adapter.tied():
@@ -195,17 +213,20 @@ def tensor_specs(adapter, widths: List[BlockWidths], quant: str) -> List[TensorS
                                block, pre, quant, [w.n_head, w.n_head_kv, 0, 0])
         specs += _module_specs(gp, [("ffn_norm", mlp.norm)], block, pre, quant, [0])
         specs += _module_specs(gp, zip(("ffn_gate", "ffn_up", "ffn_down"), mlp.inputs + (mlp.output,)),
-                               block, pre, quant, [0, 0, 0])
+                               block, pre, quant, [0, 0, 0], pad_axes=[0, 0, 1], width=w.n_ff)
     return specs
 
 
 def tensor_data(spec: TensorSpec, tensor: torch.Tensor) -> np.ndarray:
     """The bytes GGUF stores for ``tensor``: float32 values (q/k rows permuted for the rotary
-    layout), converted to the spec's type."""
+    layout; zeros where the spec is wider: padded neurons), converted to the spec's type."""
     from gguf import quants
-    if tuple(tensor.shape) != spec.shape:
+    if tuple(tensor.shape) != spec.shape and not (
+            spec.pad and tensor.ndim == len(spec.shape) and all(a <= b for a, b in zip(tensor.shape, spec.shape))):
         raise ValueError(f"{spec.key} has shape {list(tensor.shape)}, its module {list(spec.shape)}")
     data = tensor.detach().to(torch.float32).contiguous().numpy()
+    if data.shape != spec.shape:
+        data = np.pad(data, [(0, b - a) for a, b in zip(data.shape, spec.shape)])
     if spec.permute_heads:
         data = permute_rope(data, spec.permute_heads)
     if spec.qtype == "f32":
@@ -387,7 +408,8 @@ def export_gguf(model, path, quant: str = "f32", *, tokenizer_gguf=None, tokeniz
     source = DirectorySource(Path(model), read_tokenizer=False) if is_dir else open_source(model)
     config = source.config
     notes = check_family(config)
-    widths = block_widths(source.adapter, config)
+    kept = block_widths(source.adapter, config)
+    widths = padded_widths(kept, quant)
     specs = tensor_specs(source.adapter, widths, quant)
     n_vocab = specs[0].shape[0]
     writer = gguf.GGUFWriter(None, architecture(widths))
@@ -415,7 +437,8 @@ def export_gguf(model, path, quant: str = "f32", *, tokenizer_gguf=None, tokeniz
     for s in specs:
         types[s.qtype] = types.get(s.qtype, 0) + 1
     fallbacks = [s.name for s in specs if len(s.shape) == 2 and s.qtype != quant]
-    return ExportResult(path, writer.arch, quant, widths, types, fallbacks, tokenizer, notes)
+    padded = [i for i, (a, b) in enumerate(zip(kept, widths)) if a != b]
+    return ExportResult(path, writer.arch, quant, widths, types, fallbacks, padded, tokenizer, notes)
 
 
 __all__ = ["BlockWidths", "ExportResult", "QUANT_NAMES", "SUPPORTED_TYPES", "TensorSpec", "block_widths",
