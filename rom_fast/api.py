@@ -46,6 +46,7 @@ class PlanRequest:
     planner_samples: int = 128
     planner_grad_samples: int = planner.DEFAULT_GRAD_SAMPLES
     mlp_structure: str = planner.DEFAULT_MLP_STRUCTURE
+    structures: str = "all"
 
     def __post_init__(self):
         if self.ranks is not None and (self.budget is not None or self.recipe is not None or self.last_k is not None):
@@ -67,6 +68,10 @@ class PlanRequest:
             raise ValueError(f"weighting must be one of {planner.WEIGHTINGS}, got {self.weighting!r}")
         if self.mlp_structure not in planner.MLP_STRUCTURES:
             raise ValueError(f"mlp_structure must be one of {planner.MLP_STRUCTURES}, got {self.mlp_structure!r}")
+        planner.check_structures(self.structures, self.mlp_structure)
+        if self.structures == "standard" and not self.uses_planner:
+            raise ValueError("structures='standard' is the rank planner's option: give it with budget= alone "
+                             "(recipes and last_k= are low-rank; ranks= takes {'ranks': {}, 'neurons': ...})")
         if self.mlp_structure == "neurons" and not self.uses_planner:
             raise ValueError("mlp_structure='neurons' is the rank planner's choice: give it with budget= alone "
                              "(recipes and last_k= are low-rank; ranks= takes {'ranks': ..., 'neurons': ...})")
@@ -85,7 +90,9 @@ class PlanRequest:
                 "weighting": self.weighting if self.uses_planner else None,
                 "planner_samples": self.planner_samples if self.uses_planner else None,
                 "planner_grad_samples": self.planner_grad_samples if self.uses_planner else None,
-                "mlp_structure": self.mlp_structure if self.uses_planner else None}
+                "mlp_structure": self.mlp_structure if self.uses_planner else None,
+                # only when set: a run started before the option keeps its fingerprint
+                **({"structures": self.structures} if self.structures != "all" else {})}
 
     def resolve(self, shape: plans.ModelShape, spectra) -> plans.RankPlan:
         """The plan; ``spectra()`` collects the planner's spectra when it is needed."""
@@ -101,9 +108,10 @@ class PlanRequest:
             return plans.last_k_plan(shape, budget, self.last_k)
         if self.recipe == "paper":
             return plans.recipe_for_budget(shape, budget)
-        plans.check_reachable(shape, budget)          # before the planner's pass over the model
-        return planner.planned(shape, budget, spectra(self.mlp_structure != "lowrank"), self.weighting,
-                               self.mlp_structure)
+        plans.check_reachable(shape, budget, self.structures)    # before the planner's pass over the model
+        mlp_structure = planner.check_structures(self.structures, self.mlp_structure)
+        return planner.planned(shape, budget, spectra(mlp_structure != "lowrank"), self.weighting,
+                               mlp_structure, self.structures)
 
 
 @dataclass
@@ -255,16 +263,20 @@ class CompressionRun:
                  planner_grad_samples: int = planner.DEFAULT_GRAD_SAMPLES, weighting: str = "fisher",
                  activation_dtype: Union[str, torch.dtype] = "float32",
                  eval_windows: int = 0, anchor: float = DEFAULT_ANCHOR, ridge: float = 1e-3,
-                 gram_precision: str = "auto", mlp_structure: str = planner.DEFAULT_MLP_STRUCTURE):
+                 gram_precision: str = "auto", mlp_structure: str = planner.DEFAULT_MLP_STRUCTURE,
+                 structures: str = "all"):
         self.t0 = time.perf_counter()
         self.options = CompressionOptions(centered=centered, batch_size=_check_int("batch_size", batch_size, 1),
                                           activation_dtype=activation_dtype, anchor=float(anchor),
                                           ridge=float(ridge), gram_precision=gram_precision)
-        if merge and mlp_structure == "auto":
+        if merge and mlp_structure == "auto" and structures == "all":
             mlp_structure = "lowrank"     # a merged checkpoint is the base architecture: one MLP width
+        if merge and structures == "standard":
+            raise ValueError("merge=True writes the base architecture, whose MLPs all have intermediate_size "
+                             "neurons; structures='standard' plans keep fewer: save it unmerged")
         refuse_merged_neurons(merge, mlp_structure)
         self.request = PlanRequest(budget, recipe, ranks, last_k, weighting, planner_samples, planner_grad_samples,
-                                   mlp_structure)
+                                   mlp_structure, structures)
         self.n_samples = _check_int("n_samples", n_samples, 1)
         self.seq_len = _check_int("seq_len", seq_len, 2)
         self.eval_windows = _check_int("eval_windows", eval_windows, 0)
@@ -547,7 +559,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
              activation_dtype: Union[str, torch.dtype] = "float32",
              eval_windows: int = 0, anchor: float = DEFAULT_ANCHOR, ridge: float = 1e-3,
              gram_precision: str = "auto",
-             mlp_structure: str = planner.DEFAULT_MLP_STRUCTURE) -> CompressionResult:
+             mlp_structure: str = planner.DEFAULT_MLP_STRUCTURE, structures: str = "all") -> CompressionResult:
     """Compresses a LLaMA-family model by reduced order modelling, one block at a time.
 
     model: a transformers model object (compressed in place: copy it first to keep the dense
@@ -570,6 +582,10 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
         ``"neurons"`` (whole neurons kept: gate/up keep those rows, down_proj is refitted).
         With ``merge=True`` "auto" plans low-rank layers only (a merged checkpoint has the base
         architecture's single MLP width).
+    structures: ``"all"`` (default: every structure, as ``mlp_structure`` allows) or
+        ``"standard"``: the planner uses only dense layers and kept MLP neurons (attention stays
+        dense), what a plain runtime with per-layer widths runs: such a model exports to GGUF for
+        llama.cpp (``rom-fast export``). Planner only; not with ``merge=True``.
     out: the output directory, written block by block as a Hugging Face checkpoint (in the
         source's precision) under ``.<out>.partial`` and renamed into place when complete.
         An interrupted run (Ctrl-C, kill, power loss) continues from its last finished block
@@ -602,7 +618,7 @@ def compress(model, calibration=None, budget: Optional[float] = None, *, recipe:
                          progress=progress, command=command, planner_samples=planner_samples,
                          planner_grad_samples=planner_grad_samples, weighting=weighting,
                          activation_dtype=activation_dtype, eval_windows=eval_windows, anchor=anchor, ridge=ridge,
-                         gram_precision=gram_precision, mlp_structure=mlp_structure)
+                         gram_precision=gram_precision, mlp_structure=mlp_structure, structures=structures)
     run.open_inputs()
     run.open_output()
     run.evaluate_before()
@@ -632,7 +648,7 @@ def plan(model, calibration=None, budget: Optional[float] = None, *, recipe: Opt
          seed: Optional[int] = 0, batch_size: int = 8, progress: bool = True, planner_samples: int = 128,
          planner_grad_samples: int = planner.DEFAULT_GRAD_SAMPLES, weighting: str = "fisher",
          activation_dtype: Union[str, torch.dtype] = "float32",
-         mlp_structure: str = planner.DEFAULT_MLP_STRUCTURE) -> PlanResult:
+         mlp_structure: str = planner.DEFAULT_MLP_STRUCTURE, structures: str = "all") -> PlanResult:
     """The plan :func:`compress` would make with the same arguments, without compressing.
 
     Arguments as for :func:`compress` (the same checks and refusals, by the same code: one
@@ -645,7 +661,7 @@ def plan(model, calibration=None, budget: Optional[float] = None, *, recipe: Opt
                          tokenizer=tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed,
                          batch_size=batch_size, progress=progress, planner_samples=planner_samples,
                          planner_grad_samples=planner_grad_samples, weighting=weighting,
-                         activation_dtype=activation_dtype, mlp_structure=mlp_structure)
+                         activation_dtype=activation_dtype, mlp_structure=mlp_structure, structures=structures)
     run.open_source()
     result, spectra = run.make_plan()
     return PlanResult(result, spectra, run.shape)

@@ -5,6 +5,7 @@
   rom-fast plan --budget 0.5 --png plan.png  # the rank planner's per-layer ranks
   rom-fast eval DIR --tasks boolq piqa --limit 200
   rom-fast data download                # the evaluation/calibration data (16 MB, sha256-checked) into the cache
+  rom-fast export smol-rom80 --gguf smol-rom80.gguf --quant q8_0   # for llama.cpp (plans of --structures standard)
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def _add_compress(sub) -> None:
                    help="how the planner may compress each MLP: auto (low-rank linears or whole kept neurons, "
                         "whichever its curves say loses less), lowrank, or neurons (gate/up keep whole rows, "
                         "down_proj refitted on them); default: auto")
+    _add_structures_flag(p)
     p.add_argument("--planner-samples", type=int, default=128,
                    help="calibration sequences the planner's spectra use")
     p.add_argument("--planner-grad-samples", type=int, default=32,
@@ -103,6 +105,7 @@ def _add_plan(sub) -> None:
                    help="how the planner may compress each MLP: auto (low-rank linears or whole kept neurons, "
                         "whichever its curves say loses less), lowrank, or neurons (gate/up keep whole rows, "
                         "down_proj refitted on them); default: auto")
+    _add_structures_flag(p)
     p.add_argument("--json", help="write {ranks, neurons, details} here (input for compress --ranks)")
     p.add_argument("--png", help="plot ranks and retained energy per layer to this PNG")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward/backward pass")
@@ -130,7 +133,7 @@ def run_plan(args) -> int:
         args.model, calibration=args.calibration, budget=args.budget,       # None: the default, said in one line
         n_samples=args.n_samples, planner_samples=args.n_samples, planner_grad_samples=args.grad_samples,
         seq_len=args.seq_len, seed=_seed(args), weighting=args.weighting, batch_size=args.batch_size,
-        activation_dtype=args.activation_dtype,
+        activation_dtype=args.activation_dtype, structures=args.structures,
         **({} if args.mlp_structure is None else {"mlp_structure": args.mlp_structure}))
     if not _is_root():
         return 0
@@ -176,6 +179,13 @@ def _add_eval(sub) -> None:
     _add_download_flag(p, "the WikiText-2 test file and the tasks' files")
 
 
+def _add_structures_flag(p) -> None:
+    p.add_argument("--structures", choices=["all", "standard"], default="all",
+                   help="which structures the planner may use: all (default), or standard: only dense layers "
+                        "and kept MLP neurons, which plain runtimes run with per-layer widths ('rom-fast export "
+                        "--gguf' for llama.cpp); attention stays dense")
+
+
 def _add_download_flag(p, what: str) -> None:
     p.add_argument("--download", action="store_true",
                    help=f"fetch whichever of {what} are missing from the data directory first (as 'rom-fast data "
@@ -207,6 +217,7 @@ def run_compress(args) -> int:
         n_samples=args.n_samples, seq_len=args.seq_len, seed=_seed(args),
         centered=args.centered, batch_size=args.batch_size, activation_dtype=args.activation_dtype,
         merge=args.merge, overwrite=args.overwrite, restart=args.restart, eval_windows=args.eval_windows,
+        structures=args.structures,
         **({} if args.anchor is None else {"anchor": args.anchor}),
         **({} if args.mlp_structure is None else {"mlp_structure": args.mlp_structure}),
         command="rom-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
@@ -352,6 +363,49 @@ def _data_download(args, data, directory) -> int:
     return 2 if failed else 0
 
 
+def _add_export(sub) -> None:
+    from rom_fast.io.gguf_export import QUANT_NAMES
+    p = sub.add_parser("export", help="write a model of standard structures as a GGUF file for llama.cpp",
+                       description="Writes a directory from 'rom-fast compress --structures standard' (dense "
+                                   "layers and kept MLP neurons; or any model rom-fast opens) as one GGUF file "
+                                   "that llama.cpp loads, with per-layer widths (its 'deci' architecture where "
+                                   "blocks differ, 'llama' where they do not). Low-rank layers are refused.")
+    p.add_argument("model", help="directory written by rom-fast compress, a Hugging Face directory, .gguf, or 'smollm2'")
+    p.add_argument("--gguf", required=True, metavar="FILE", help="the GGUF file to write")
+    p.add_argument("--quant", choices=QUANT_NAMES, default="f32",
+                   help="type of the matrices (norms stay f32; an MLP is padded with zero neurons to whole "
+                        "blocks of the type, any other matrix whose rows are not whole blocks is written f16); the "
+                        "gguf package writes these types, not the K-quants (default f32)")
+    p.add_argument("--tokenizer-gguf", metavar="FILE", default=None,
+                   help="copy the tokenizer of this GGUF (default: of the GGUF the model came from, else "
+                        "converted from the directory's tokenizer.json)")
+    p.add_argument("--tokenizer-pre", metavar="NAME", default=None,
+                   help="llama.cpp's pre-tokenizer name for a converted tokenizer.json (e.g. smollm, llama-bpe, "
+                        "qwen2; default: 'default')")
+    p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+
+
+def run_export(args) -> int:
+    from rom_fast.io.gguf_export import export_gguf
+    result = export_gguf(args.model, args.gguf, args.quant, tokenizer_gguf=args.tokenizer_gguf,
+                         tokenizer_pre=args.tokenizer_pre, overwrite=args.overwrite)
+    widths = result.widths
+    print(f"wrote        {result.path} ({result.path.stat().st_size / 2**20:.1f} MiB, architecture {result.arch})")
+    print(f"blocks       {len(widths)}; MLP widths {min(w.n_ff for w in widths)}-{max(w.n_ff for w in widths)}, "
+          f"heads {min(w.n_head for w in widths)}-{max(w.n_head for w in widths)}, "
+          f"kv heads {min(w.n_head_kv for w in widths)}-{max(w.n_head_kv for w in widths)}")
+    print("tensors      " + ", ".join(f"{n} {k}" for k, n in sorted(result.tensor_types.items())) +
+          (f" ({len(result.fallbacks)} matrices in f16: rows not whole {args.quant} blocks)"
+           if result.fallbacks else ""))
+    if result.padded:
+        print(f"padded       the MLPs of {len(result.padded)} blocks with zero neurons to whole {args.quant} blocks "
+              "(same outputs)")
+    print(f"tokenizer    {result.tokenizer}")
+    for note in result.notes:
+        print(f"note         {note}")
+    return 0
+
+
 def _add_clean(sub) -> None:
     p = sub.add_parser("clean", help="remove what interrupted runs left beside an output directory",
                        description="Lists and removes the .OUT.partial (resume state) and .OUT.old-* directories "
@@ -399,11 +453,13 @@ def main(argv=None) -> int:
     _add_eval(sub)
     _add_clean(sub)
     _add_data(sub)
+    _add_export(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    run = {"compress": run_compress, "plan": run_plan, "eval": run_eval, "clean": run_clean, "data": run_data}[args.command]
+    run = {"compress": run_compress, "plan": run_plan, "eval": run_eval, "clean": run_clean, "data": run_data,
+           "export": run_export}[args.command]
     try:
         return run(args)
     except KeyboardInterrupt:

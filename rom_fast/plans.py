@@ -141,11 +141,18 @@ def check_budget(ratio) -> float:
     return float(ratio)
 
 
-def check_reachable(shape: ModelShape, ratio: float) -> None:
-    """Refuses, before any work, a budget below what rank 1 in every compressible layer keeps."""
-    floor = shape.total_params - sum(a * b - min(a * b, a + b) for a, b in shape.shapes.values())
+def check_reachable(shape: ModelShape, ratio: float, structures: str = "all") -> None:
+    """Refuses, before any work, a budget below what rank 1 in every compressible layer keeps
+    (``structures="standard"``: one kept neuron in every MLP, every other layer dense)."""
+    if structures == "standard":
+        sizes = [shape.mlp_size(m) for m in shape.mlps]
+        floor = shape.total_params - sum(mlp_neuron_params(d, n) - mlp_neuron_params(d, 1) for d, n in sizes)
+        what = "one neuron in every MLP with dense attention (structures='standard')"
+    else:
+        floor = shape.total_params - sum(a * b - min(a * b, a + b) for a, b in shape.shapes.values())
+        what = "rank 1 in every layer"
     if ratio * shape.total_params < floor:
-        raise ValueError(f"a budget of {ratio:.0%} is below what rank 1 in every layer keeps "
+        raise ValueError(f"a budget of {ratio:.0%} is below what {what} keeps "
                          f"({floor / shape.total_params:.1%} of the {shape.total_params:,} parameters)")
 
 

@@ -69,7 +69,7 @@ def stubbed_cli(monkeypatch):
     """The real parser, with every subcommand's body replaced by a recorder."""
     from rom_fast import cli
     seen = []
-    for name in ("run_compress", "run_plan", "run_eval", "run_clean", "run_data"):
+    for name in ("run_compress", "run_plan", "run_eval", "run_clean", "run_data", "run_export"):
         monkeypatch.setattr(cli, name, lambda args: seen.append(args) or 0)
     return cli, seen
 

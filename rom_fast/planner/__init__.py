@@ -12,12 +12,12 @@ sensitivity-weighted loss under the budget over each layer's (or MLP's) lower co
 re-exported function :func:`allocate` would be shadowed by it as a package attribute.)
 """
 
-from rom_fast.planner.allocation import (DEFAULT_MLP_STRUCTURE, MLP_STRUCTURES, WEIGHTINGS, _loss_curve, allocate,
-                                         allocate_plan, planned)
+from rom_fast.planner.allocation import (DEFAULT_MLP_STRUCTURE, MLP_STRUCTURES, PLAN_STRUCTURES, WEIGHTINGS, _loss_curve,
+                                         allocate, allocate_plan, check_structures, planned)
 from rom_fast.planner.measure import (DEFAULT_GRAD_SAMPLES, HEAD_CHUNK_TOKENS, NEURON_CURVE_STEPS, LayerSpectrum,
                                       collect_spectra, neuron_curve)
 from rom_fast.planner.plot import plot_plan
 
-__all__ = ["WEIGHTINGS", "MLP_STRUCTURES", "DEFAULT_MLP_STRUCTURE", "NEURON_CURVE_STEPS", "DEFAULT_GRAD_SAMPLES",
+__all__ = ["WEIGHTINGS", "MLP_STRUCTURES", "PLAN_STRUCTURES", "DEFAULT_MLP_STRUCTURE", "check_structures", "NEURON_CURVE_STEPS", "DEFAULT_GRAD_SAMPLES",
            "HEAD_CHUNK_TOKENS", "LayerSpectrum", "collect_spectra", "neuron_curve", "allocate", "allocate_plan",
            "planned", "plot_plan"]

@@ -30,6 +30,11 @@ MLP_STRUCTURES = ("auto", "lowrank", "neurons")
 # "auto" is the default: at 80% of SmolLM2 it keeps neurons in every MLP it compresses and
 # cuts WikiText-2 perplexity from 69.5 to 40.3 (bench/README.md, "Whole-MLP structure").
 DEFAULT_MLP_STRUCTURE = "auto"
+# Which structures a plan may use at all: "all" (low-rank layers and kept neurons, as
+# ``mlp_structure`` allows), or "standard": only what a plain dense runtime runs with per-layer
+# widths (llama.cpp's GGUF): dense layers and whole kept MLP neurons (kept attention heads
+# will join them). Attention then stays dense.
+PLAN_STRUCTURES = ("all", "standard")
 
 
 def _loss_curve(s: LayerSpectrum, weighting: str) -> np.ndarray:
@@ -51,6 +56,11 @@ class _Option:
     loss: float
     ranks: Tuple[Tuple[str, int], ...] = ()     # linears made low-rank (absent: dense)
     neurons: Optional[int] = None               # the MLP keeps this many neurons
+
+
+def _dense_option(s: LayerSpectrum) -> _Option:
+    """A linear left dense: its only option where no structure may compress it."""
+    return _Option(s.d_out * s.d_in, 0.0)
 
 
 def _lower_hull(points: List[_Option]) -> List[_Option]:
@@ -130,18 +140,34 @@ def _mlp_hull(mlp: str, linears: Tuple[str, ...], spectra: Dict[str, LayerSpectr
     return _lower_hull(points)
 
 
+def check_structures(structures: str, mlp_structure: str) -> str:
+    """The MLP structure a ``structures`` setting leaves: "standard" plans keep neurons (never
+    low-rank), so it refuses ``mlp_structure="lowrank"``."""
+    if structures not in PLAN_STRUCTURES:
+        raise ValueError(f"structures must be one of {PLAN_STRUCTURES}, got {structures!r}")
+    if mlp_structure not in MLP_STRUCTURES:
+        raise ValueError(f"MLP structure must be one of {MLP_STRUCTURES}, got {mlp_structure!r}")
+    if structures == "standard":
+        if mlp_structure == "lowrank":
+            raise ValueError("structures='standard' plans dense layers and kept neurons only: it cannot "
+                             "take mlp_structure='lowrank'")
+        return "neurons"
+    return mlp_structure
+
+
 def allocate_plan(spectra: Dict[str, LayerSpectrum], total_params: int, ratio: float,
                   weighting: str = "fisher", mlps: Optional[Dict[str, Tuple[Tuple[str, ...], str]]] = None,
-                  structure: str = "lowrank") -> Tuple[Dict[str, int], Dict[str, int]]:
+                  structure: str = "lowrank", structures: str = "all") -> Tuple[Dict[str, int], Dict[str, int]]:
     """``(ranks, neurons)``: per-linear ranks and per-MLP kept neurons minimising the weighted
     loss with the whole model keeping at most ``ratio`` of ``total_params``. ``mlps`` ({MLP
     name: (input linears, down_proj)}) with ``structure`` "auto" or "neurons" lets each MLP keep
-    whole neurons instead (its down_proj's spectrum must carry a neuron curve)."""
+    whole neurons instead (its down_proj's spectrum must carry a neuron curve).
+    ``structures="standard"``: no low-rank layer at all (MLPs keep neurons or stay dense,
+    every other linear stays dense)."""
     ratio = plans.check_budget(ratio)
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    if structure not in MLP_STRUCTURES:
-        raise ValueError(f"MLP structure must be one of {MLP_STRUCTURES}, got {structure!r}")
+    structure = check_structures(structures, structure)
     units: Dict[str, List[_Option]] = {}
     grouped = set()
     if structure != "lowrank":
@@ -152,11 +178,14 @@ def allocate_plan(spectra: Dict[str, LayerSpectrum], total_params: int, ratio: f
                 grouped.update(linears)
     for n, s in spectra.items():
         if n not in grouped:
-            units[n] = _linear_hull(n, s, weighting)
+            units[n] = _linear_hull(n, s, weighting) if structures == "all" else [_dense_option(s)]
     dense_sum = sum(h[0].params for h in units.values())
     allowed = ratio * total_params - (total_params - dense_sum)   # params the compressible layers may keep
     if allowed < sum(h[-1].params for h in units.values()):
-        raise ValueError(f"a budget of {ratio:.0%} is below what rank 1 everywhere keeps")
+        least = (total_params - dense_sum + sum(h[-1].params for h in units.values())) / total_params
+        what = "rank 1 everywhere" if structures == "all" else \
+            "one neuron in every MLP with dense attention (structures='standard')"
+        raise ValueError(f"a budget of {ratio:.0%} is below what {what} keeps ({least:.1%})")
     # Greedy along each convex hull = the Lagrangian solution, one segment at a time: always
     # take the step with the smallest loss increase per parameter saved.
     pos = {n: 0 for n in units}
@@ -224,11 +253,13 @@ def _refill(spectra, ranks, neurons, mlps, spare: float, weighting: str):
 
 
 def planned(shape: plans.ModelShape, ratio: float, spectra: Dict[str, LayerSpectrum],
-            weighting: str = "fisher", structure: str = DEFAULT_MLP_STRUCTURE) -> plans.RankPlan:
+            weighting: str = "fisher", structure: str = DEFAULT_MLP_STRUCTURE,
+            structures: str = "all") -> plans.RankPlan:
     """A RankPlan from :func:`allocate_plan`, with the details a user needs to audit it (MLPs
     keep neurons only where their down_proj spectra carry neuron curves)."""
     total = shape.total_params
-    ranks, neurons = allocate_plan(spectra, total, ratio, weighting, shape.mlps, structure)
+    structure = check_structures(structures, structure)
+    ranks, neurons = allocate_plan(spectra, total, ratio, weighting, shape.mlps, structure, structures)
     kept = plans.kept_params(total, shape.shapes, ranks, neurons, shape)
     retained = {}
     for n, s in spectra.items():
@@ -239,12 +270,15 @@ def planned(shape: plans.ModelShape, ratio: float, spectra: Dict[str, LayerSpect
         energy = retained_energy(*down.neuron_curve, k, down.eigenvalues.sum())
         for n in shape.mlp_linears(mlp):     # the MLP's output energy kept, on each of its linears
             retained[n] = energy
-    what = "low-rank layers" if structure == "lowrank" else \
+    what = "dense layers and whole MLP neurons: standard structures" if structures == "standard" else \
+        "low-rank layers" if structure == "lowrank" else \
         "low-rank layers or whole MLP neurons" if structure == "auto" else "whole MLP neurons, low-rank attention"
     details = {"kind": "planned", "weighting": weighting, "target_ratio": ratio, "structure": structure,
                "kept_params": kept, "total_params": total, "ratio": kept / total,
                "retained_energy": retained,
                "sensitivity": {n: s.sensitivity for n, s in spectra.items()}}
+    if structures != "all":      # recorded when set (plans made before the option read as "all")
+        details["structures"] = structures
     return plans.RankPlan(ranks, f"planned ({weighting}-weighted spectra; {what}) for {ratio:.0%} of all parameters",
                           details, neurons)
 
