@@ -203,10 +203,109 @@ def test_streamed_resumes_bitwise(tmp_path, resume_check):
     assert "model.layers.1.mlp.experts.2.down_proj.weight" in saved_tensors(tmp_path / "rom")
 
 
+def _expert_reference(model, input_ids, attention_mask):
+    """``{expert linear: (eigenvalues of its output second moment, descending; sensitivity)}``
+    in float64 on transformers' stacked experts, and the smallest routing margin. One forward
+    and backward of the whole model (summed next-token loss); each block's MLP input rows
+    (real tokens) routed by a float64 softmax top-k; an expert's linears' outputs on its
+    tokens recomputed, their gradients by autograd from the MLP output's gradient scaled by
+    the token's routing weight."""
+    model = copy.deepcopy(model).double()
+    model.set_experts_implementation("eager")       # grouped_mm takes no float64
+    seen = []
+
+    def keep(_m, args, out):
+        out.retain_grad()
+        seen.append((args[0].detach(), out))
+    handles = [layer.mlp.register_forward_hook(keep) for layer in model.model.layers]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    for h in handles:
+        h.remove()
+    target = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+    nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").backward()
+    mask, k, inter = attention_mask.bool(), model.config.num_experts_per_tok, model.config.intermediate_size
+    ref, margin = {}, float("inf")
+    for i, (layer, (normed, out)) in enumerate(zip(model.model.layers, seen)):
+        x, g = normed[mask], out.grad[mask]
+        chosen, gap = _route(x, layer.mlp.gate.weight.detach(), k)
+        margin = min(margin, gap)
+        top = torch.topk(torch.softmax(x @ layer.mlp.gate.weight.detach().T, -1), k, dim=-1).values
+        weights = top / top.sum(-1, keepdim=True)
+        experts = layer.mlp.experts
+        for e in range(model.config.num_local_experts):
+            hit = chosen == e
+            rows = hit.any(-1)
+            xe, ge = x[rows], (weights * hit)[rows].sum(-1, keepdim=True) * g[rows]
+            wg, wu = experts.gate_up_proj[e, :inter].detach(), experts.gate_up_proj[e, inter:].detach()
+            gate, up = (xe @ wg.T).requires_grad_(True), (xe @ wu.T).requires_grad_(True)
+            down = nn.functional.silu(gate) * up @ experts.down_proj[e].detach().T
+            g_gate, g_up = torch.autograd.grad(down, [gate, up], ge)
+            prefix = f"model.layers.{i}.mlp.experts.{e}."
+            for name, y, gy in (("gate_proj", gate, g_gate), ("up_proj", up, g_up), ("down_proj", down, ge)):
+                y = y.detach()
+                vals = torch.linalg.eigvalsh(y.T @ y).flip(0).numpy()
+                ref[prefix + name] = (vals, float((gy * gy).sum()) / len(xe) / y.shape[1])
+    return ref, margin
+
+
+def test_planner_spectra_and_sensitivities_of_each_expert_are_float64_on_its_routed_tokens():
+    from rom_fast.io.sources import ModelSource
+    from rom_fast.planner import collect_spectra
+
+    model, calib = tiny_model("mixtral"), calibration()
+    spectra = collect_spectra(ModelSource(copy.deepcopy(model)), calib["input_ids"], calib["attention_mask"],
+                              batch_size=4)
+    ref, margin = _expert_reference(model, calib["input_ids"], calib["attention_mask"])
+    assert margin > ROUTING_MARGIN
+    assert set(ref) <= set(spectra) and "model.layers.0.mlp.gate" not in spectra     # the router: not planned
+    for name, (vals, sensitivity) in ref.items():
+        got = spectra[name].eigenvalues
+        np.testing.assert_allclose(got, vals[:len(got)], rtol=1e-5, atol=1e-9 * vals[0])
+        assert vals[len(got):].sum() <= 1e-9 * vals[0] * len(vals)                    # nothing missing
+        assert spectra[name].sensitivity == pytest.approx(sensitivity, rel=1e-4)
+    # Experts differ: the statistics are each expert's own, not the MLP's.
+    tails = {n: spectra[n].eigenvalues[0] for n in ref if n.endswith("down_proj")}
+    assert len(set(np.round(list(tails.values()), 6))) == len(tails)
+
+
+@pytest.mark.parametrize("structure", ["lowrank", "auto"])
+def test_the_planner_allocates_over_experts_within_the_budget(structure):
+    model = tiny_model("mixtral")
+    result = rom_fast.compress(model, calibration=calibration(), budget=0.6, mlp_structure=structure,
+                               planner_samples=8, progress=False)
+    plan = result.plan
+    assert 0.55 < plan.details["ratio"] <= 0.6
+    assert result.summary["params_after"] <= 0.6 * result.summary["params_before"]
+    units = {n.rsplit(".", 1)[0] for n in plan.ranks if ".experts." in n} | set(plan.neurons)
+    assert len(units) == TINY["num_hidden_layers"] * 4                  # every expert is a unit of its own
+    assert all(".experts." in n for n in plan.neurons)
+    assert not any(n.endswith("mlp.gate") for n in plan.ranks)          # the router stays dense
+    if structure == "lowrank":
+        assert not plan.neurons
+    assert type(model.get_submodule("model.layers.0.mlp.gate")).__name__ == "MixtralTopKRouter"
+
+
+def test_the_planner_leaves_an_expert_no_calibration_token_reaches_out_of_the_plan():
+    from rom_fast.io.sources import ModelSource
+    from rom_fast.planner import collect_spectra
+
+    model = tiny_model("mixtral", num_local_experts=8, num_experts_per_tok=1)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(3))
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0], [0] * 8])
+    routed = []
+    handle = model.model.layers[0].mlp.gate.register_forward_hook(lambda _m, _a, out: routed.append(out[2]))
+    with torch.no_grad():
+        model(input_ids=ids[:1], attention_mask=mask[:1])
+    handle.remove()
+    hit = {int(e) for e in routed[0][:3].reshape(-1)}
+    spectra = collect_spectra(ModelSource(model), ids, mask, batch_size=1)
+    planned = {int(n.split(".")[5]) for n in spectra if n.startswith("model.layers.0.mlp.experts.")}
+    assert planned == hit and len(hit) < 8
+    assert all(spectra[f"model.layers.0.mlp.experts.{e}.down_proj"].sensitivity > 0 for e in hit)
+
+
 def test_what_routed_sublayers_do_not_take_yet_is_refused_before_any_work(tmp_path):
     calib = calibration()
-    with pytest.raises(ValueError, match="rank planner does not handle"):
-        rom_fast.compress(tiny_model("mixtral"), calibration=calib, budget=0.8, progress=False)
     with pytest.raises(ValueError, match="anchor"):
         rom_fast.compress(tiny_model("mixtral"), calibration=calib, ranks=every_linear(CASE), anchor=1.0,
                           progress=False)
