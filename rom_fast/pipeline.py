@@ -34,6 +34,7 @@ from rom_fast import kernels, plans
 from rom_fast.adapters import ModelAdapter
 from rom_fast.blockwise import capture_block_inputs, kwargs_of_block
 from rom_fast.distributed import Communicator
+from rom_fast.io import units
 from rom_fast.io.sources import BlockSource
 from rom_fast.lowrank import set_module
 from rom_fast.structures import LOWRANK, NEURONS
@@ -369,19 +370,24 @@ class RoutedUnitStep(SublayerStep):
         sub = self.sub
         width = output.out_features if tap == OUTPUT else output.in_features
         acc = self.stats.gram(width, f"{'outputs' if tap == OUTPUT else 'inputs'} of {self.prefix}{sub.output}")
-        with _as_identity(self.block.get_submodule(sub.module), sub.output_in_module):
-            for h, m in zip(self.hiddens, self.token_masks):
-                with self.timer("forward"):
-                    act = self.adapter.sublayer_forward(self.block, sub, _rows(self._normed(h), m), {})
-                    if tap == OUTPUT:
-                        act = output(act)
-                with self.timer("statistics"):
-                    acc.update(act)
+        for h, m in zip(self.hiddens, self.token_masks):
+            with self.timer("forward"):
+                act = self._unit_activations(tap, _rows(self._normed(h), m))
+            with self.timer("statistics"):
+                acc.update(act)
         act = None
         stats = [acc, None]
         del acc
         with self.timer("factorize"):
             self.structure.compress_output(self, tap, stats, self.setting)
+
+    def _unit_activations(self, tap: str, rows: torch.Tensor) -> torch.Tensor:
+        """What the output stage reads on the unit's rows: its outputs (the whole unit, run by
+        its own forward, which a parked unit needs) or its output linear's inputs."""
+        if tap == OUTPUT:
+            return self.adapter.sublayer_forward(self.block, self.sub, rows, {})
+        with _as_identity(self.block.get_submodule(self.sub.module), self.sub.output_in_module):
+            return self.adapter.sublayer_forward(self.block, self.sub, rows, {})
 
     def _left_dense(self) -> None:
         warnings.warn(f"{self.prefix}{self.sub.module}: the router sent it no calibration token; it stays dense")
@@ -413,6 +419,7 @@ class RoutedSublayerStep(SublayerStep):
                     or structure.output_tap(unit, setting, self.block.get_submodule(unit.output))):
                 continue
             self.compressor._release_scratch_for(structure.peak_bytes(unit, setting, self.block))
+            units.materialize(self.block.get_submodule(unit.module))    # a streamed unit is read now
             masks = [_routed_mask(m, (c == e).any(-1)) for m, c in zip(self.token_masks, chosen)]
             RoutedUnitStep(self.compressor, self.block, self.prefix, unit, structure, setting,
                            (self.hiddens, self.kwargs_list, masks), None).run()

@@ -38,7 +38,7 @@ from rom_fast.distributed import Communicator
 from rom_fast.structures.lowrank import output_route
 from rom_fast.io.safetensors_index import write_safetensors
 from rom_fast.io.sources import BlockSource
-from rom_fast.util import StageTimer, release_freed_memory
+from rom_fast.util import StageTimer, float_array, release_freed_memory
 
 # Greedy neuron removal in the planner takes about this many steps per MLP (exact curve points;
 # 256 made the planner pass 12x longer on SmolLM2).
@@ -74,16 +74,9 @@ class LayerSpectrum:
 def _spectrum(weight: torch.Tensor, stats, output_gram: bool) -> np.ndarray:
     """A linear's output spectrum from its output Gram, or from the input factor it shares."""
     vals = kernels.eigenvalues(stats.gram) if output_gram else \
-        kernels.output_spectrum(_array(weight), stats)
+        kernels.output_spectrum(float_array(weight), stats)
     vals = np.clip(np.asarray(vals, dtype=np.float64), 0.0, None)
     return np.sort(vals)[::-1]
-
-
-def _array(weight: torch.Tensor) -> np.ndarray:
-    """A weight as a float32 (or float64) array: no copy unless it is stored narrower (a
-    streamed routed unit's weights stay in the checkpoint's dtype between uses)."""
-    weight = weight.detach()
-    return (weight if weight.dtype in (torch.float32, torch.float64) else weight.float()).numpy()
 
 
 @contextlib.contextmanager
@@ -211,7 +204,7 @@ def _block_spectra(adapter: ModelAdapter, block: nn.Module, prefix: str, accs, r
     skipped = _unreached(adapter, accs)
     for key in [k for k in accs if k.startswith(NEURONS)]:
         rel = key[len(NEURONS):]
-        curves[rel] = neuron_curve(_array(block.get_submodule(rel).weight), accs.pop(key))
+        curves[rel] = neuron_curve(float_array(block.get_submodule(rel).weight), accs.pop(key))
     for stage in adapter.stages:
         if stage.linears[0] in skipped:
             continue
