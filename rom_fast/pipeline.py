@@ -370,11 +370,12 @@ class RoutedUnitStep(SublayerStep):
         sub = self.sub
         width = output.out_features if tap == OUTPUT else output.in_features
         acc = self.stats.gram(width, f"{'outputs' if tap == OUTPUT else 'inputs'} of {self.prefix}{sub.output}")
-        for h, m in zip(self.hiddens, self.token_masks):
-            with self.timer("forward"):
-                act = self._unit_activations(tap, _rows(self._normed(h), m))
-            with self.timer("statistics"):
-                acc.update(act)
+        with units.widened(self.block.get_submodule(sub.module)):     # (a streamed unit: widened once here)
+            for h, m in zip(self.hiddens, self.token_masks):
+                with self.timer("forward"):
+                    act = self._unit_activations(tap, _rows(self._normed(h), m))
+                with self.timer("statistics"):
+                    acc.update(act)
         act = None
         stats = [acc, None]
         del acc

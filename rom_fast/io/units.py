@@ -14,8 +14,9 @@ of a block loaded whole.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 from torch import nn
@@ -42,8 +43,7 @@ def park(module: nn.Module, load: Callable[[], Dict[str, torch.Tensor]]) -> list
 
     def narrow(_mod, _args, _out):
         if stash:
-            for parent, leaf, stored in stash.pop():
-                parent._parameters[leaf] = stored
+            _restore(stash.pop())
     # Closures, not bound methods: a deep copy of the block (a dense view) shares them and
     # loads its own copy of the weights into its own modules.
     return [module.register_forward_pre_hook(widen), module.register_forward_hook(narrow, always_call=True)]
@@ -61,6 +61,21 @@ def materialize(module: nn.Module) -> None:
     load = _LOADERS.get(module)
     if load is not None:
         _load_into(module, load)
+
+
+@contextlib.contextmanager
+def widened(module: nn.Module) -> Iterator[None]:
+    """Inside, a parked module's weights are float32 (one conversion for many forwards; its
+    own forwards then convert nothing); a module that is not parked is left as it is."""
+    if module not in _LOADERS:
+        yield
+        return
+    materialize(module)
+    replaced = _converted(module, COMPUTE_DTYPE)
+    try:
+        yield
+    finally:
+        _restore(replaced)
 
 
 def settle(module: nn.Module, handles: list, dtype: torch.dtype = COMPUTE_DTYPE) -> None:
@@ -81,6 +96,11 @@ def _load_into(module: nn.Module, load: Callable[[], Dict[str, torch.Tensor]]) -
         module.load_state_dict(state, strict=False, assign=True)
 
 
+def _restore(replaced: List[Tuple[nn.Module, str, nn.Parameter]]) -> None:
+    for parent, leaf, stored in replaced:
+        parent._parameters[leaf] = stored
+
+
 def _converted(module: nn.Module, dtype: torch.dtype) -> List[Tuple[nn.Module, str, nn.Parameter]]:
     """Replaces every parameter of ``module`` not in ``dtype`` by a converted copy; returns
     ``(parent, name, original)`` of each replaced one."""
@@ -94,4 +114,4 @@ def _converted(module: nn.Module, dtype: torch.dtype) -> List[Tuple[nn.Module, s
     return replaced
 
 
-__all__ = ["park", "unpark", "materialize", "settle"]
+__all__ = ["park", "unpark", "materialize", "widened", "settle"]
