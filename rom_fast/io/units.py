@@ -67,10 +67,11 @@ def materialize(module: nn.Module) -> None:
 def widened(module: nn.Module) -> Iterator[None]:
     """Inside, a parked module's weights are float32 (one conversion for many forwards; its
     own forwards then convert nothing); a module that is not parked is left as it is."""
-    if module not in _LOADERS:
+    load = _LOADERS.get(module)
+    if load is None:
         yield
         return
-    materialize(module)
+    _load_into(module, load)
     replaced = _converted(module, COMPUTE_DTYPE)
     try:
         yield
