@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -304,11 +305,84 @@ def test_the_planner_leaves_an_expert_no_calibration_token_reaches_out_of_the_pl
     assert all(spectra[f"model.layers.0.mlp.experts.{e}.down_proj"].sensitivity > 0 for e in hit)
 
 
+def _anchored_fit(xc, xd, w, alpha: float, rank: int, ridge: float = 1e-3):
+    """The rank-r ``B`` minimising ``||W X_c - B X_c||^2 + alpha ||W X_d - B X_c||^2`` (ridge
+    ``ridge`` times the mean eigenvalue of ``X_c^T X_c`` on the regression; tests/test_anchor.py's
+    reference): reduced-rank regression of the mixed target on ``X_c``."""
+    f = 1.0 if math.isinf(alpha) else alpha / (1 + alpha)
+    c = xc.T @ xc
+    b_ls = w + f * w @ (xd.T @ xc - c) @ np.linalg.inv(c + ridge * np.trace(c) / len(c) * np.eye(len(c)))
+    u, _, _ = np.linalg.svd((xc @ b_ls.T).T, full_matrices=False)
+    return u[:, :rank] @ (u[:, :rank].T @ b_ls)
+
+
+def _mlp_inputs(model, calib, layer: int) -> torch.Tensor:
+    """Block ``layer``'s normed MLP inputs on the real tokens, float64."""
+    model = copy.deepcopy(model).double()
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")
+    seen = []
+    handle = model.model.layers[layer].mlp.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+    with torch.no_grad():
+        model(**calib)
+    handle.remove()
+    return seen[0][calib["attention_mask"].bool()]
+
+
+@pytest.mark.parametrize("alpha", [2.0, math.inf])
+def test_an_anchored_experts_fit_is_the_float64_optimum_on_its_routed_tokens(alpha):
+    """Block 1's attention and its expert 1 compressed with dense-anchored targets (block 0
+    dense): gate/up are the anchored optimum on the compressed path's inputs X_c and the dense
+    path's X_d at the tokens the compressed path routes to the expert; down_proj (output route)
+    the anchored optimum of the dense outputs on the compressed ones in its output space."""
+    model, calib, e, rank = tiny_model("mixtral"), calibration(), 1, 8
+    unit = f"model.layers.1.mlp.experts.{e}"
+    ranks = {f"model.layers.1.self_attn.{n}": 10 for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    ranks.update({f"{unit}.{n}": rank for n in ("gate_proj", "up_proj", "down_proj")})
+    xd = _mlp_inputs(model, calib, 1)
+    dense = copy.deepcopy(model)
+    adapter_for(dense)
+    result = rom_fast.compress(model, calibration=calib, ranks=ranks, anchor=alpha, progress=False)
+    assert {r.name: r.route.endswith("+anchored") for r in result.report.layers} == {n: True for n in ranks}
+    xc = _mlp_inputs(model, calib, 1)
+    chosen, margin = _route(xc, model.get_submodule("model.layers.1.mlp.gate").weight.detach().double(), 2)
+    assert margin > ROUTING_MARGIN
+    rows = (chosen == e).any(-1)
+    xc, xd = xc[rows].numpy(), xd[rows].numpy()
+    weight = {n: dense.get_submodule(f"{unit}.{n}").weight.detach().double().numpy()
+              for n in ("gate_proj", "up_proj", "down_proj")}
+    ours = {n: model.get_submodule(f"{unit}.{n}").merged_weight().detach().double().numpy() for n in weight}
+    for name in ("gate_proj", "up_proj"):
+        want = xc @ _anchored_fit(xc, xd, weight[name], alpha, rank).T
+        assert np.abs(xc @ ours[name].T - want).max() <= 1e-4 * np.abs(want).max(), name
+    silu = lambda z: z / (1 + np.exp(-z))  # noqa: E731
+    core_c = silu(xc @ ours["gate_proj"].T) * (xc @ ours["up_proj"].T)
+    core_d = silu(xd @ weight["gate_proj"].T) * (xd @ weight["up_proj"].T)
+    yc, yd = core_c @ weight["down_proj"].T, core_d @ weight["down_proj"].T
+    want = yc @ _anchored_fit(yc, yd, np.eye(len(yc.T)), alpha, rank).T
+    assert np.abs(core_c @ ours["down_proj"].T - want).max() <= 1e-4 * np.abs(want).max()
+    # The anchor moved the fit: the paper's objective (alpha 0) gives another gate_proj.
+    plain = xc @ _anchored_fit(xc, xc, weight["gate_proj"], 0.0, rank).T
+    assert np.abs(xc @ ours["gate_proj"].T - plain).max() > 1e-3 * np.abs(plain).max()
+
+
+def test_an_anchored_streamed_run_is_the_in_memory_run(tmp_path):
+    model = tiny_model("mixtral", num_hidden_layers=3)
+    src = save_dir(model, tmp_path / "dense")
+    plan = {"ranks": every_linear(CASE, blocks=[0, 2], rank=8), "neurons": {"model.layers.1.mlp.experts.2": 60}}
+    kw = dict(calibration=calibration(), ranks=plan, anchor=1.0, progress=False)
+    in_memory = rom_fast.compress(copy.deepcopy(model), **kw)
+    streamed = rom_fast.compress(str(src), out=tmp_path / "rom", **kw)
+    assert all(r.route.endswith("+anchored") for r in streamed.report.layers)
+    plain = rom_fast.compress(copy.deepcopy(model), **dict(kw, anchor=0.0))
+    with torch.no_grad():
+        a, b, c = (r.model(probe()).logits for r in (streamed, in_memory, plain))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert (b - c).abs().max() > 1e-3 * c.abs().max()
+
+
 def test_what_routed_sublayers_do_not_take_yet_is_refused_before_any_work(tmp_path):
     calib = calibration()
-    with pytest.raises(ValueError, match="anchor"):
-        rom_fast.compress(tiny_model("mixtral"), calibration=calib, ranks=every_linear(CASE), anchor=1.0,
-                          progress=False)
     with pytest.raises(ValueError, match="merge=True"):
         rom_fast.compress(tiny_model("mixtral"), calibration=calib, ranks=every_linear(CASE), merge=True,
                           out=tmp_path / "merged", progress=False)
