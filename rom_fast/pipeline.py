@@ -438,6 +438,7 @@ class RoutedSublayerStep(SublayerStep):
             masks = [_routed_mask(m, (c == e).any(-1)) for m, c in zip(self.token_masks, chosen)]
             RoutedUnitStep(self.compressor, self.block, self.prefix, unit, structure, setting,
                            (self.hiddens, self.kwargs_list, masks), self.dense).run()
+            release_freed_memory()      # the unit's fit buffers, before the next unit's
         self._plain_advance()
 
 
