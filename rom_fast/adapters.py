@@ -121,6 +121,18 @@ class ModelAdapter:
         return (self.attention, self.mlp)
 
     @property
+    def leaf_sublayers(self) -> Tuple[Sublayer, ...]:
+        """The sublayers that hold linears themselves, in block order: a routed sublayer's
+        units in its place (its router is no compressible linear)."""
+        return tuple(leaf for sub in self.sublayers for leaf in (sub.units or (sub,)))
+
+    def routed_linears(self) -> Dict[str, Tuple[str, int]]:
+        """``{linear of a routed unit: (its routed sublayer's module, its position in the unit)}``:
+        the linears that see routed rows only, and which of them play the same part."""
+        return {name: (sub.module, k) for sub in self.sublayers for unit in sub.units
+                for k, name in enumerate(unit.linears)}
+
+    @property
     def mlp_units(self) -> Tuple[Sublayer, ...]:
         """The MLPs of a block that can keep whole neurons: the MLP, or each expert of a routed one."""
         return self.mlp.units or (self.mlp,)

@@ -34,6 +34,7 @@ from rom_fast import kernels, plans
 from rom_fast.adapters import ModelAdapter
 from rom_fast.blockwise import capture_block_inputs, kwargs_of_block
 from rom_fast.distributed import Communicator
+from rom_fast.io import units
 from rom_fast.io.sources import BlockSource
 from rom_fast.lowrank import set_module
 from rom_fast.structures import LOWRANK, NEURONS
@@ -366,29 +367,46 @@ class RoutedUnitStep(SublayerStep):
             self._unit_output_stage(tap, output)
 
     def _unit_output_stage(self, tap: str, output: nn.Module) -> None:
-        sub = self.sub
+        """The output linear's statistics on the unit's rows (anchored: with the cross moment
+        of the dense unit's activations on the dense path's inputs at the same tokens), then
+        its fit."""
+        sub, dense = self.sub, self.dense
         width = output.out_features if tap == OUTPUT else output.in_features
         acc = self.stats.gram(width, f"{'outputs' if tap == OUTPUT else 'inputs'} of {self.prefix}{sub.output}")
-        with _as_identity(self.block.get_submodule(sub.module), sub.output_in_module):
-            for h, m in zip(self.hiddens, self.token_masks):
+        cross = self.stats.cross(width, width, acc.label) if dense is not None else None
+        with units.widened(self.block.get_submodule(sub.module)):     # (a streamed unit: widened once here)
+            for i, (h, m) in enumerate(zip(self.hiddens, self.token_masks)):
                 with self.timer("forward"):
-                    act = self.adapter.sublayer_forward(self.block, sub, _rows(self._normed(h), m), {})
-                    if tap == OUTPUT:
-                        act = output(act)
+                    act = self._unit_activations(self.block, tap, _rows(self._normed(h), m))
+                    act_d = None if cross is None else \
+                        self._unit_activations(dense.block, tap, _rows(dense.normed(sub, i), m))
                 with self.timer("statistics"):
                     acc.update(act)
-        act = None
-        stats = [acc, None]
-        del acc
+                    if cross is not None:
+                        cross.update(act_d, act)
+        act = act_d = None
+        stats = [acc, cross]
+        del acc, cross
         with self.timer("factorize"):
             self.structure.compress_output(self, tap, stats, self.setting)
+
+    def _unit_activations(self, block: nn.Module, tap: str, rows: torch.Tensor) -> torch.Tensor:
+        """What the output stage reads on the unit's rows: its outputs (the whole unit, run by
+        its own forward, which a parked unit needs) or its output linear's inputs; ``block``:
+        the compressed block or the dense path's."""
+        if tap == OUTPUT:
+            return self.adapter.sublayer_forward(block, self.sub, rows, {})
+        with _as_identity(block.get_submodule(self.sub.module), self.sub.output_in_module):
+            return self.adapter.sublayer_forward(block, self.sub, rows, {})
 
     def _left_dense(self) -> None:
         warnings.warn(f"{self.prefix}{self.sub.module}: the router sent it no calibration token; it stays dense")
         # The linears the plan would have changed: all of a unit keeping neurons, else those given a rank.
         changed = self.sub.linears if self.structure is NEURONS else [n for n in self.sub.linears if n in self.setting]
         for name in changed:
-            self.record(name, self.block.get_submodule(name), 0, 1.0, NO_TOKENS_ROUTE)
+            lin = self.block.get_submodule(name)
+            self.report.layers.append(LayerRecord(self.prefix + name, lin.out_features, lin.in_features, 0, 1.0,
+                                                  NO_TOKENS_ROUTE))
 
 
 class RoutedSublayerStep(SublayerStep):
@@ -396,11 +414,14 @@ class RoutedSublayerStep(SublayerStep):
     chooses each real token's units from the compressed path's normed input (once: the input
     does not move while the sublayer's units are compressed); each unit the plan names runs
     through its structure on its own tokens (:class:`RoutedUnitStep`); then the residual
-    stream advances through the whole sublayer, compressed units included."""
+    stream advances through the whole sublayer, compressed units included. Dense-anchored:
+    each unit's cross moments pair its rows with the dense path's inputs at the same tokens
+    (the tokens the compressed path routes to it), and the dense path then runs the dense
+    sublayer (its own routing)."""
 
     def __init__(self, compressor: "BlockCompressor", block: nn.Module, prefix: str, sub, batches,
-                 ranks: Dict[str, int], neurons: Dict[str, int]):
-        super().__init__(compressor, block, prefix, sub, None, None, batches, None)
+                 ranks: Dict[str, int], neurons: Dict[str, int], dense: Optional[DensePath] = None):
+        super().__init__(compressor, block, prefix, sub, None, None, batches, dense)
         self.ranks, self.neurons = ranks, neurons
 
     def run(self) -> None:
@@ -413,11 +434,12 @@ class RoutedSublayerStep(SublayerStep):
                     or structure.output_tap(unit, setting, self.block.get_submodule(unit.output))):
                 continue
             self.compressor._release_scratch_for(structure.peak_bytes(unit, setting, self.block))
+            units.materialize(self.block.get_submodule(unit.module))    # a streamed unit is read now
             masks = [_routed_mask(m, (c == e).any(-1)) for m, c in zip(self.token_masks, chosen)]
             RoutedUnitStep(self.compressor, self.block, self.prefix, unit, structure, setting,
-                           (self.hiddens, self.kwargs_list, masks), None).run()
-        with self.timer("forward"):
-            self._advance()
+                           (self.hiddens, self.kwargs_list, masks), self.dense).run()
+            release_freed_memory()      # the unit's fit buffers, before the next unit's
+        self._plain_advance()
 
 
 def _routed_mask(token_mask: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
@@ -482,7 +504,7 @@ class BlockCompressor:
         batches = (hiddens, kwargs_list, token_masks)
         for sub in self.adapter.sublayers:
             if sub.units:
-                RoutedSublayerStep(self, block, prefix, sub, batches, ranks, neurons).run()
+                RoutedSublayerStep(self, block, prefix, sub, batches, ranks, neurons, dense).run()
                 continue
             structure, setting = self.structure_of(sub, ranks, neurons)
             # (Sizes only: holding modules here would keep replaced weights alive.)
@@ -555,9 +577,6 @@ def compress_blocks(source: BlockSource, input_ids: torch.Tensor, attention_mask
     adapter = source.adapter
     neurons = dict(neurons or {})
     block_of = _check_plan(source, ranks, neurons, start_block)
-    if options.anchor and any(sub.units for sub in adapter.sublayers):
-        raise ValueError(f"dense-anchored targets (anchor > 0) are not supported for {type(adapter).__name__}'s "
-                         "routed (mixture-of-experts) sublayers yet; use anchor=0")
     last_needed = max(block_of.values(), default=-1)
     if start_block > last_needed:
         return report

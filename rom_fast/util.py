@@ -10,6 +10,7 @@ import resource
 import time
 from typing import Dict
 
+import torch
 from torch import nn
 
 
@@ -21,6 +22,13 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def float_array(tensor: torch.Tensor):
+    """A weight as a float32/float64 numpy array, sharing its memory unless it is stored
+    narrower (a streamed routed unit keeps its checkpoint's dtype: then a widened copy)."""
+    t = tensor.detach()
+    return (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
 
 
 def peak_rss_bytes() -> int:

@@ -49,6 +49,11 @@ def test_roles_name_the_blocks_linears_and_norms(family):
             assert not sub.inputs and all(u.norm == sub.norm for u in sub.units)
     assert adapter.linear_names() == [n for s in leaves for n in s.linears]
     assert [st.linears for st in adapter.stages] == [lin for s in leaves for lin in (s.inputs, (s.output,))]
+    assert adapter.leaf_sublayers == tuple(leaves)
+    # the linears that see routed rows only: every unit's, each with its place in the unit
+    assert adapter.routed_linears() == {n: (s.module, k) for s in adapter.sublayers for u in s.units
+                                        for k, n in enumerate(u.linears)}
+    assert bool(adapter.routed_linears()) == any(s.units for s in adapter.sublayers)
 
 
 def test_linear_shapes_from_config_match_the_modules(family):

@@ -29,9 +29,8 @@ from distributed_worker import calibration as worker_calibration  # noqa: E402
 
 FAMILIES = sorted(CASES)
 # A mixture of experts gets its own versions of the tests built on the dense MLP's float64
-# reference and on the planner (tests/test_family_mixtral.py): the reference hooks read a
-# (batch x seq) activation where an expert sees routed rows, and the planner does not take
-# routed sublayers yet.
+# reference (tests/test_family_mixtral.py): the reference hooks read a (batch x seq)
+# activation where an expert sees routed rows.
 ROUTED_SKIP = "routed MLP: its own version in tests/test_family_mixtral.py"
 
 
@@ -126,7 +125,6 @@ def test_kept_neurons_are_the_float64_ridge_optimum(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_streamed_gives_the_in_memory_model_and_resumes_bitwise(family, tmp_path, resume_check):
-    dense_mlp(family)
     model = tiny_model(family, num_hidden_layers=3)
     src = save_dir(model, tmp_path / "dense")
     kw = dict(calibration=calibration(), budget=budget_cutting(model), planner_samples=8, progress=False)

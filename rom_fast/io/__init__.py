@@ -10,6 +10,7 @@ written under a temporary name and renamed into place only when complete.
 The layering is one-way, each module importing only those listed before it, at top level:
 :mod:`~rom_fast.io.safetensors_index` (the format, header checks, ``CheckpointError``),
 :mod:`~rom_fast.io.output` (the resumable output directory and its file names),
+:mod:`~rom_fast.io.units` (a streamed block's routed units, read when needed and kept narrow),
 :mod:`~rom_fast.io.models` (GGUF files and the embedded SmolLM2),
 :mod:`~rom_fast.io.checkpoint` (config.json checks, the ``rom_fast_<base>`` classes, the
 metadata written), then :mod:`~rom_fast.io.sources` (block sources, ``open_source`` and

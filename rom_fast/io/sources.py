@@ -29,18 +29,20 @@ from torch import nn
 
 from rom_fast.adapters import ModelAdapter, adapter_for
 from rom_fast.head import Head, chunked_head
+from rom_fast.io import units
 from rom_fast.io.checkpoint import read_config
 from rom_fast.io.models import TOKENIZER_FILES, load_model
 from rom_fast.io.safetensors_index import FLOAT_DTYPES, CheckpointError, SafetensorsIndex
 from rom_fast.util import release_freed_memory, total_params
 
-COMPUTE_DTYPE = torch.float32      # arithmetic precision of every block (weights widened on load)
+COMPUTE_DTYPE = units.COMPUTE_DTYPE      # arithmetic precision of every block (weights widened on load)
 
 
-def _materialize(module: nn.Module, prefix: str, tensors: Dict[str, torch.Tensor]) -> None:
-    """Puts loaded tensors (named ``prefix``...) into ``module``'s parameters and buffers."""
+def _materialize(module: nn.Module, prefix: str, tensors: Dict[str, torch.Tensor], parked=()) -> None:
+    """Puts loaded tensors (named ``prefix``...) into ``module``'s parameters and buffers (the
+    parameters under the ``parked`` relative module prefixes excepted: loaded when needed)."""
     state = {k[len(prefix):]: v for k, v in tensors.items()}
-    missing = [n for n, _ in module.named_parameters() if n not in state]
+    missing = [n for n, _ in module.named_parameters() if n not in state and not n.startswith(tuple(parked))]
     if missing:
         raise CheckpointError(f"checkpoint lacks {prefix}{missing[0]} (and {len(missing) - 1} more)")
     module.load_state_dict(state, strict=False, assign=True)
@@ -207,6 +209,7 @@ class DirectorySource(BlockSource):
             else _directory_tokenizer(self.directory)
         self._block_dtypes: Dict[int, torch.dtype] = {}
         self._loaded: set = set()
+        self._parked: Dict[int, Dict[str, list]] = {}     # {block: {routed unit module: hook handles}}
 
     # -- validation -------------------------------------------------------------------------
     def _expected(self) -> Dict[str, tuple]:
@@ -250,23 +253,49 @@ class DirectorySource(BlockSource):
 
     # -- blocks -------------------------------------------------------------------------------
     def load_block(self, i: int) -> nn.Module:
+        """Block i in float32, the units of its routed sublayers parked (:mod:`rom_fast.io.units`:
+        each read when first needed and kept in the stored dtype)."""
         block = self.adapter.blocks()[i]
         if i in self._loaded:
             return block
         prefix = self.adapter.block_prefix(i)
-        raw = self._load(self.index.keys_with_prefix(prefix))
+        unit_modules = [u.module for sub in self.adapter.sublayers for u in sub.units]
+        keys = self._stored_keys(prefix)
+        unit_keys = {m: self._stored_keys(f"{prefix}{m}.") for m in unit_modules}
+        parked = {k for ks in unit_keys.values() for k in ks}
+        raw = self._load([k for k in keys if k not in parked])
         self._block_dtypes[i] = max(raw.values(), key=lambda t: t.numel()).dtype
         # Widen one tensor at a time, dropping each stored copy as it goes.
         state = {k: raw.pop(k).to(COMPUTE_DTYPE) for k in list(raw)}
-        _materialize(block, prefix, state)
+        _materialize(block, prefix, state, parked=[m + "." for m in unit_modules])
+        self._parked[i] = {m: units.park(block.get_submodule(m), self._unit_loader(f"{prefix}{m}.", unit_keys[m]))
+                           for m in unit_modules}
         self._loaded.add(i)
         return block
 
+    def _stored_keys(self, prefix: str) -> List[str]:
+        """The stored names of the tensors whose model names start with ``prefix``."""
+        return self.index.keys_with_prefix(self.adapter.stored_name(prefix))
+
+    def _unit_loader(self, prefix: str, keys: List[str]):
+        def load() -> Dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in self._load(keys).items()}
+        return load
+
     def release_block(self, i: int) -> None:
         if i in self._loaded:
-            _unload(self.adapter.blocks()[i])
+            block = self.adapter.blocks()[i]
+            for module, handles in self._parked.pop(i, {}).items():
+                units.unpark(block.get_submodule(module), handles)
+            _unload(block)
             self._loaded.discard(i)
             release_freed_memory()
+
+    def block_tensors(self, i: int) -> Dict[str, torch.Tensor]:
+        block = self.adapter.blocks()[i]
+        for module in self._parked.get(i, {}):      # a unit nothing has needed yet is read now
+            units.materialize(block.get_submodule(module))
+        return super().block_tensors(i)
 
     def block_dtype(self, i: int) -> torch.dtype:
         return self._block_dtypes.get(i, self.storage_dtype)
@@ -338,7 +367,9 @@ class DirectorySource(BlockSource):
     def finished_model(self) -> nn.Module:
         """Loads every block not yet in memory and the outer modules, for good."""
         for i in range(self.n_blocks):
-            self.load_block(i)
+            block = self.load_block(i)
+            for module, handles in self._parked.pop(i, {}).items():
+                units.settle(block.get_submodule(module), handles)
         a = self.adapter
         self._load_module(a.embedding_path)
         self._load_module(a.final_norm_path)

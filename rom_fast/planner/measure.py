@@ -11,6 +11,11 @@ One pass over calibration tokens on the *dense* model gives, for every compressi
 With neuron curves, each MLP's down_proj also gets the loss of keeping fewer of its input
 neurons (greedy removal, down_proj refitted). :mod:`rom_fast.planner.allocation` turns these into
 a plan.
+
+A routed sublayer (mixture of experts) is planned unit by unit: each expert's linears get the
+spectra of their Grams over the real tokens routed to that expert only, and sensitivities
+averaged over those tokens; the router is left dense, and an expert no calibration token
+reaches gets no spectrum (it stays dense).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from rom_fast.head import IGNORE_INDEX
 from rom_fast.structures.lowrank import output_route
 from rom_fast.io.safetensors_index import write_safetensors
 from rom_fast.io.sources import BlockSource
-from rom_fast.util import StageTimer, release_freed_memory
+from rom_fast.util import StageTimer, float_array, release_freed_memory
 
 # Greedy neuron removal in the planner takes about this many steps per MLP (exact curve points;
 # 256 made the planner pass 12x longer on SmolLM2).
@@ -70,9 +75,46 @@ class LayerSpectrum:
 def _spectrum(weight: torch.Tensor, stats, output_gram: bool) -> np.ndarray:
     """A linear's output spectrum from its output Gram, or from the input factor it shares."""
     vals = kernels.eigenvalues(stats.gram) if output_gram else \
-        kernels.output_spectrum(weight.detach().numpy(), stats)
+        kernels.output_spectrum(float_array(weight), stats)
     vals = np.clip(np.asarray(vals, dtype=np.float64), 0.0, None)
     return np.sort(vals)[::-1]
+
+
+@contextlib.contextmanager
+def _real_rows_only(adapter: ModelAdapter, block: nn.Module, token_mask: List[torch.Tensor]):
+    """Inside, every routed sublayer of ``block`` (:attr:`Sublayer.units`) runs on the real
+    tokens of the micro-batch only (``token_mask[0]``): its input's real rows as one sequence,
+    its output put back in their places (zero on padding). A routed unit's linears then see
+    exactly the real tokens routed to it. Padding never reaches a real token (attention masks
+    it as a key), so the real tokens' activations and gradients are the model's own; routing
+    is per token."""
+    handles, shapes = [], []
+
+    def real_rows(_m, args):
+        shapes.append(args[0].shape)
+        return (args[0][token_mask[0]].unsqueeze(0),) + tuple(args[1:])
+
+    def put_back(_m, _args, out):
+        rows = out[0] if isinstance(out, tuple) else out
+        full = rows.new_zeros(shapes.pop())
+        full[token_mask[0]] = rows[0]
+        return (full,) + tuple(out[1:]) if isinstance(out, tuple) else full
+    for sub in adapter.sublayers:
+        if sub.units:
+            module = block.get_submodule(sub.module)
+            handles += [module.register_forward_pre_hook(real_rows), module.register_forward_hook(put_back)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _rows(x: torch.Tensor, rel: str, routed, token_mask: List[torch.Tensor]) -> torch.Tensor:
+    """An activation's real-token rows: all rows of a routed unit's linear (it is only given
+    real tokens, :func:`_real_rows_only`), the masked ones elsewhere."""
+    x = x.detach()
+    return x.reshape(-1, x.shape[-1]) if rel in routed else x[token_mask[0]]
 
 
 @contextlib.contextmanager
@@ -93,38 +135,37 @@ def _block_statistics(adapter: ModelAdapter, block: nn.Module, prefix: str, toke
                       gram_precision: str = "auto"):
     """Forward hooks accumulating, on the real tokens, the Gram each stage's spectra need: one
     shared input Gram for q/k/v and for gate/up, the output Gram of each linear whose input is
-    wider than its output (down_proj), and with ``neuron_curves`` down_proj's input Gram too
-    (under the key ``NEURONS + name``), each in the precision ``gram_precision`` gives its width
-    (:func:`kernels.resolve_gram_precision`). Returns (accumulators, output-route flags, handles)."""
+    wider than its output (down_proj), and with ``neuron_curves`` each MLP's (each expert's)
+    down_proj input Gram too (under the key ``NEURONS + name``), each in the precision
+    ``gram_precision`` gives its width (:func:`kernels.resolve_gram_precision`). A routed
+    unit's Grams are over the real tokens routed to it (run under :func:`_real_rows_only`).
+    Returns (accumulators, output-route flags, handles)."""
     accs: Dict[str, kernels.GramAccumulator] = {}
     routes: Dict[str, bool] = {}
     handles = []
-    if neuron_curves:
-        down = adapter.mlp.output
-        mod = block.get_submodule(down)
-        precision = kernels.resolve_gram_precision(gram_precision, mod.in_features)
-        accs[NEURONS + down] = comm.gram_accumulator(mod.in_features, f"inputs of {prefix}{down} (planner)",
-                                                     precision=precision)
+    routed = adapter.routed_linears()
 
-        def neuron_hook(_m, args, _out):
-            with timer("statistics"):
-                accs[NEURONS + down].update(args[0].detach()[token_mask[0]].float())
-        handles.append(mod.register_forward_hook(neuron_hook))
+    def watch(key: str, rel: str, use_out: bool, what: str) -> None:
+        mod = block.get_submodule(rel)
+        dim = mod.out_features if use_out else mod.in_features
+        accs[key] = comm.gram_accumulator(dim, f"{what} of {prefix}{rel} (planner)",
+                                          precision=kernels.resolve_gram_precision(gram_precision, dim))
+
+        def hook(_m, args, out):
+            x = out if use_out else args[0]
+            with timer("statistics"):      # inside planner_forward
+                accs[key].update(_rows(x, rel, routed, token_mask).float())
+        handles.append(mod.register_forward_hook(hook))
+    if neuron_curves:
+        for mlp in adapter.mlp_units:       # the MLP, or each expert of a routed one
+            watch(NEURONS + mlp.output, mlp.output, False, "inputs")
     for stage in adapter.stages:
         lead = block.get_submodule(stage.linears[0])
         for rel in (stage.linears if output_route(lead.out_features, lead.in_features) else stage.linears[:1]):
             mod = block.get_submodule(rel)
             use_out = output_route(mod.out_features, mod.in_features)
-            dim = mod.out_features if use_out else mod.in_features
-            accs[rel] = comm.gram_accumulator(dim, f"{'outputs' if use_out else 'inputs'} of {prefix}{rel} (planner)",
-                                              precision=kernels.resolve_gram_precision(gram_precision, dim))
+            watch(rel, rel, use_out, "outputs" if use_out else "inputs")
             routes[rel] = use_out
-
-            def hook(_m, args, out, rel=rel, use_out=use_out):
-                x = out if use_out else args[0]
-                with timer("statistics"):      # inside planner_forward
-                    accs[rel].update(x.detach()[token_mask[0]].float())
-            handles.append(mod.register_forward_hook(hook))
     return accs, routes, handles
 
 
@@ -142,16 +183,32 @@ def neuron_curve(weight, gram) -> Tuple[np.ndarray, np.ndarray]:
     return np.asarray(sel.curve_kept, dtype=np.int64), np.clip(np.asarray(sel.curve_loss, dtype=np.float64), 0.0, None)
 
 
+def _unreached(adapter: ModelAdapter, accs) -> set:
+    """The linears of the routed units no real calibration token was routed to (on any
+    process), their accumulators dropped from ``accs``: they have nothing to plan on and stay
+    dense (compression leaves them dense too)."""
+    routed = adapter.routed_linears()
+    skipped = {n for leaf in adapter.leaf_sublayers if leaf.linears[0] in routed
+               and accs[leaf.linears[0]].count == 0 for n in leaf.linears}
+    for key in [k for k in accs if k.removeprefix(NEURONS) in skipped]:
+        del accs[key]
+    return skipped
+
+
 def _block_spectra(adapter: ModelAdapter, block: nn.Module, prefix: str, accs, routes):
     """Spectra of a block's linears, one stage at a time: each shared input factor is built
     once, and each Gram is dropped as soon as its stage is done (``accs`` is emptied). A
-    down_proj input Gram (``NEURONS``) becomes its MLP's neuron curve."""
+    down_proj input Gram (``NEURONS``) becomes its MLP's neuron curve. Routed units no token
+    reached get no spectrum."""
     out = {}
     curves = {}
+    skipped = _unreached(adapter, accs)
     for key in [k for k in accs if k.startswith(NEURONS)]:
         rel = key[len(NEURONS):]
-        curves[rel] = neuron_curve(block.get_submodule(rel).weight.detach().numpy(), accs.pop(key))
+        curves[rel] = neuron_curve(float_array(block.get_submodule(rel).weight), accs.pop(key))
     for stage in adapter.stages:
+        if stage.linears[0] in skipped:
+            continue
         shared = None
         for rel in stage.linears:
             mod = block.get_submodule(rel)
@@ -190,6 +247,9 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
     With ``neuron_curves``, every down_proj's input Gram is accumulated too and turned into its
     MLP's neuron curve (:func:`neuron_curve`), for plans that keep whole neurons.
 
+    Routed sublayers run on the real tokens only (:func:`_real_rows_only`), so every unit's
+    statistics and sensitivities are over the real tokens routed to it.
+
     ``gram_precision`` is the compression's option of that name, resolved per Gram by
     :func:`kernels.resolve_gram_precision` ("auto": float32 blocks from FLOAT32_GRAM_MIN_DIM
     columns up, exact float64 below).
@@ -205,11 +265,6 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
     (and of the first ``grad_samples``); Grams, squared gradients and token counts are summed
     over the processes, so every process returns the spectra one process would.
     """
-    if any(sub.units for sub in source.adapter.sublayers):
-        # Its hooks read every linear's activations on the real tokens of a (batch x seq)
-        # micro-batch; an expert's linears see routed rows instead.
-        raise ValueError(f"the rank planner does not handle {type(source.adapter).__name__}'s routed "
-                         "(mixture-of-experts) sublayers yet: give explicit ranks= (or recipe= / last_k=)")
     timer = StageTimer(seconds if seconds is not None else {}, prefix="planner_")
     comm = comm or Communicator()
     kernels.resolve_gram_precision(gram_precision, 1)      # an unknown option is refused before any work
@@ -236,13 +291,16 @@ def collect_spectra(source: BlockSource, input_ids: torch.Tensor, attention_mask
                 with timer("head"):
                     grads = _loss_gradient(source, hidden[:n_grad], input_ids[:n_grad], attention_mask[:n_grad])
             del hidden
-            grad_sq = _backward_sweep(source, saved, grads, kwargs_list, masks, batch_size, timer, bar)
+            grad_sq, routed_tokens = _backward_sweep(source, saved, grads, kwargs_list, masks, batch_size, timer,
+                                                     bar)
     finally:
         if bar is not None:
             bar.close()
 
     release_freed_memory()       # the backward passes' buffers, before compression's own
-    return _reduced_spectra(raw, grad_sq, float(attention_mask[:n_grad].sum()), comm)
+    peers = {source.adapter.block_prefix(i) + rel: (i,) + part for i in range(source.n_blocks)
+             for rel, part in source.adapter.routed_linears().items()}
+    return _reduced_spectra(raw, grad_sq, float(attention_mask[:n_grad].sum()), comm, routed_tokens, peers)
 
 
 def _forward_sweep(source: BlockSource, hidden: torch.Tensor, kwargs_list, masks, batch_size: int,
@@ -264,38 +322,57 @@ def _forward_sweep(source: BlockSource, hidden: torch.Tensor, kwargs_list, masks
 
 
 def _backward_sweep(source: BlockSource, saved: List[Path], grads: Optional[torch.Tensor], kwargs_list, masks,
-                    batch_size: int, timer: StageTimer, bar) -> Dict[str, float]:
+                    batch_size: int, timer: StageTimer, bar) -> Tuple[Dict[str, float], Dict[str, float]]:
     """Step 3, top down: each block recomputed from its saved input (the file deleted once
     read) and backpropagated from ``grads``, the gradient of its outputs, which becomes that of
-    its inputs; returns every linear's summed squared output gradient. ``grads`` None: this
-    process has none of the gradient's sequences (every sum 0)."""
+    its inputs; returns every linear's summed squared output gradient and each routed unit's
+    linear's gradient token count. ``grads`` None: this process has none of the gradient's
+    sequences (every sum 0)."""
     grad_sq: Dict[str, float] = {}
+    counts: Dict[str, float] = {}
     for i in reversed(range(source.n_blocks)):
         if grads is None:      # a process whose shard has none of the gradient's sequences
-            grad_sq.update({source.adapter.block_prefix(i) + rel: 0.0 for rel in source.adapter.linear_names()})
+            prefix = source.adapter.block_prefix(i)
+            grad_sq.update({prefix + rel: 0.0 for rel in source.adapter.linear_names()})
+            counts.update({prefix + rel: 0.0 for rel in source.adapter.routed_linears()})
             continue
         with timer("io"):
             with safe_open(str(saved[i]), framework="pt") as f:
                 inputs = f.get_tensor("hidden")
             saved[i].unlink()
-        grad_sq.update(_backward_block(source, i, inputs, grads, kwargs_list, masks, batch_size, timer))
+        block_sq, block_counts = _backward_block(source, i, inputs, grads, kwargs_list, masks, batch_size, timer)
+        grad_sq.update(block_sq)
+        counts.update(block_counts)
         del inputs
         if bar is not None:
             bar.update(1)
-    return grad_sq
+    return grad_sq, counts
 
 
 def _reduced_spectra(raw: Dict[str, tuple], grad_sq: Dict[str, float], n_tokens: float,
-                     comm: Communicator) -> Dict[str, LayerSpectrum]:
-    """The LayerSpectrum of every linear: squared gradients and the gradient's token count
+                     comm: Communicator, routed_tokens: Dict[str, float],
+                     peers: Dict[str, tuple]) -> Dict[str, LayerSpectrum]:
+    """The LayerSpectrum of every linear: squared gradients and the gradient's token counts
     (this process's) summed over the processes, the sensitivities their per-token, per-output
-    means."""
+    means. A routed unit's linear is averaged over the tokens routed to it; one that got none
+    of the gradient's tokens (only later sequences reached it) takes the mean over its peers
+    (``peers``: the same linear of the other units of its routed sublayer)."""
     names = list(raw)
-    sums = np.array([grad_sq[n] for n in names] + [n_tokens], dtype=np.float64)
+    routed = [n for n in names if n in peers]
+    sums = np.array([grad_sq[n] for n in names] + [routed_tokens[n] for n in routed] + [n_tokens], dtype=np.float64)
     comm.all_reduce(sums, "planner sensitivities")
     n_tokens = max(sums[-1], 1.0)
-    return {name: LayerSpectrum(name, d_out, d_in, vals, float(sums[k]) / n_tokens / d_out, curve)
-            for k, (name, (d_out, d_in, vals, curve)) in enumerate(raw.items())}
+    squares = dict(zip(names, sums[:len(names)]))
+    counts = dict(zip(routed, sums[len(names):-1]))
+    for name in routed:
+        if counts[name] == 0:
+            group = [n for n in routed if peers[n] == peers[name] and counts[n] > 0]
+            squares[name] = sum(squares[n] for n in group)
+            counts[name] = sum(counts[n] for n in group)
+    return {name: LayerSpectrum(name, d_out, d_in, vals,
+                                float(squares[name]) / (max(counts[name], 1.0) if name in counts else n_tokens) / d_out,
+                                curve)
+            for name, (d_out, d_in, vals, curve) in raw.items()}
 
 
 def _check_positive(n) -> int:
@@ -317,7 +394,7 @@ def _forward_block(source: BlockSource, i: int, hidden: torch.Tensor, kwargs_lis
         accs, routes, handles = _block_statistics(adapter, block, adapter.block_prefix(i), current, timer,
                                                         comm, neuron_curves, gram_precision)
         try:
-            with timer("forward"), torch.inference_mode():
+            with timer("forward"), torch.inference_mode(), _real_rows_only(adapter, block, current):
                 for v, kw, m in zip(hidden.split(batch_size), kwargs_of_block(kwargs_list, i), masks):
                     current[0] = m
                     v.copy_(adapter.block_forward(block, v.float(), kw))
@@ -342,31 +419,37 @@ def _loss_gradient(source: BlockSource, hidden: torch.Tensor, input_ids: torch.T
 
 
 def _backward_block(source: BlockSource, i: int, inputs: torch.Tensor, grads: torch.Tensor, kwargs_list,
-                    masks, batch_size: int, timer: StageTimer) -> Dict[str, float]:
+                    masks, batch_size: int, timer: StageTimer) -> Tuple[Dict[str, float], Dict[str, float]]:
     """Recomputes block i from its saved ``inputs`` and backpropagates ``grads`` (its outputs'
     gradient, replaced in place by its inputs' gradient); returns the summed squared
-    gradient of every linear's outputs on the real tokens."""
+    gradient of every linear's outputs on the real tokens, and for each routed unit's linear
+    the number of those tokens (the real tokens routed to it)."""
     adapter = source.adapter
     prefix = adapter.block_prefix(i)
+    routed = adapter.routed_linears()
     with timer("load"):
         block = source.load_block(i)
     current = [masks[0]]
     grad_sq: Dict[str, float] = {}
+    counts: Dict[str, float] = {prefix + rel: 0.0 for rel in routed}
     handles = []
     try:
         for rel in adapter.linear_names():
             name = prefix + rel
             grad_sq[name] = 0.0
 
-            def on_grad(g, name=name):
-                g = g.detach()[current[0]].reshape(-1)
+            def on_grad(g, name=name, rel=rel):
+                g = _rows(g, rel, routed, current)
+                if rel in routed:
+                    counts[name] += g.shape[0]
+                g = g.reshape(-1)
                 grad_sq[name] += float(torch.dot(g, g))   # float32 dot, summed in float64
 
             def forward_hook(_m, _a, out, on_grad=on_grad):
                 if out.requires_grad:
                     out.register_hook(on_grad)
             handles.append(block.get_submodule(rel).register_forward_hook(forward_hook))
-        with timer("backward"), _frozen(block), torch.enable_grad():
+        with timer("backward"), _frozen(block), torch.enable_grad(), _real_rows_only(adapter, block, current):
             for x, g, kw, m in zip(inputs.split(batch_size), grads.split(batch_size),
                                    kwargs_of_block(kwargs_list, i), masks):
                 current[0] = m
@@ -378,5 +461,4 @@ def _backward_block(source: BlockSource, i: int, inputs: torch.Tensor, grads: to
         for h in handles:
             h.remove()
         source.release_block(i)
-    return grad_sq
-
+    return grad_sq, counts

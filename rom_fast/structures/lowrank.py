@@ -16,7 +16,7 @@ import torch
 
 from rom_fast import kernels
 from rom_fast.lowrank import from_factors, lowrank_params, set_module
-from rom_fast.util import positive_int
+from rom_fast.util import float_array, positive_int
 
 # Kinds of statistics a structure reads from a sublayer's output stage.
 CORE = "core"          # the output linear's inputs
@@ -193,8 +193,8 @@ class LowRank:
             self._commit_all(step, stats, [name], ranks)
             return None
         lin = step.block.get_submodule(name)
-        weight = lin.weight.detach().numpy()
-        bias = None if lin.bias is None else lin.bias.detach().numpy()
+        weight = float_array(lin.weight)
+        bias = None if lin.bias is None else float_array(lin.bias)
         f, anchored_map = self.fit_output_route(weight, bias, stats, ranks[name], step.options, step.prefix + name)
         self._commit(step, name, lin, f, "output-gram")
         left, w1, const = self.outputs_from_kept(f, bias, anchored_map)
@@ -203,7 +203,7 @@ class LowRank:
     def _commit_all(self, step, stats: list, names: List[str], ranks: dict) -> None:
         def layer(name):
             lin = step.block.get_submodule(name)
-            return lin.weight.detach().numpy(), None if lin.bias is None else lin.bias.detach().numpy()
+            return float_array(lin.weight), None if lin.bias is None else float_array(lin.bias)
         for name, f in self.fit_shared_input(stats, names, layer, ranks, step.options):
             self._commit(step, name, step.block.get_submodule(name), f, "input-gram")
             del f

@@ -17,7 +17,7 @@ from typing import List, Tuple
 
 from rom_fast.lowrank import mlp_neuron_params, pruned_linear, set_module
 from rom_fast.structures.lowrank import CORE
-from rom_fast.util import positive_int
+from rom_fast.util import float_array, positive_int
 
 # Greedy neuron selection removes about n / SELECTION_GROUPS neurons per exact step: each step
 # is a rank-g update of the n x n inverse, memory-bound for g = 1 (one at a time took 3.5x the
@@ -75,7 +75,7 @@ class KeptNeurons:
         sub, block = step.sub, step.block
         down = block.get_submodule(sub.output)
         inputs = [block.get_submodule(n) for n in sub.inputs]
-        selection = self.fit(down.weight.detach().numpy(), stats, keep, step.options)
+        selection = self.fit(float_array(down.weight), stats, keep, step.options)
         kept = np.ascontiguousarray(selection.kept, dtype=np.int64)
         refit = np.ascontiguousarray(selection.weight)
         step.comm.broadcast_arrays([kept, refit], "kept neurons")    # process 0's choice everywhere
